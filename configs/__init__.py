@@ -1,0 +1,1 @@
+"""ml_collections configs (the trainer's configs arrive with the trainer)."""

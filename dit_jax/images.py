@@ -1,0 +1,44 @@
+"""Image helpers: model range [-1, 1] <-> uint8, and PNG grids."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] float (N, H, W, C) -> uint8, as the official sample_ddp.py: clip(127.5 x + 128, 0, 255), truncated."""
+    return np.clip(127.5 * np.asarray(x, np.float32) + 128.0, 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, nrow: int, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one uint8 (rows*H', nrow*W', C) image, row-major, `padding` pixels between tiles."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"make_grid takes uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    n, h, w, c = images.shape
+    ncol = max(1, min(nrow, n))
+    nrows = -(-n // ncol)
+    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, ncol)
+        y0, x0 = padding + r * (h + padding), padding + k * (w + padding)
+        grid[y0 : y0 + h, x0 : x0 + w] = img
+    return grid
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> Path:
+    """Write a uint8 (H, W, C) image (C = 1 or 3) as PNG atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.asarray(image)
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    if upscale > 1:
+        pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.NEAREST)
+    tmp = path.with_name(path.name + ".tmp")
+    pil.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

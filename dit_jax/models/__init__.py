@@ -1,0 +1,5 @@
+"""Flax NNX models: DiT (and, later, DDT, the SD VAE and Inception)."""
+
+from dit_jax.models.dit import BLOCK_TYPES, DiT, DiT_models, DiTBlock, FinalLayer, decode_variant
+
+__all__ = ["BLOCK_TYPES", "DiT", "DiT_models", "DiTBlock", "FinalLayer", "decode_variant"]

@@ -1,0 +1,31 @@
+"""dit-jax: DiT (Peebles & Xie, 2023) and DDT in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dit-jax",
+    version="0.1.0",
+    description="Paper-exact DiT and DDT in JAX/Flax NNX, from a laptop CPU to a TPU pod.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["dit_jax", "dit_jax.*", "configs"]),
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "ml-collections==1.1.0",
+        "numpy>=2.0",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # reading official .pt checkpoints; the CPU build (a newer torch pulls a CUDA build)
+        "torch": ["torch==2.13.0"],
+        "test": ["torch==2.13.0", "diffusers==0.42.1", "pytest==9.2.0"],
+    },
+    entry_points={"console_scripts": ["dit-jax=dit_jax.cli:main"]},
+)
