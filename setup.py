@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["dit_jax", "dit_jax.*", "configs"]),
+    package_data={"configs": ["*.py"]},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
@@ -21,6 +22,11 @@ setup(
         "pillow>=10",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "grain==0.2.18",
+        "tensorflow-datasets==4.9.10",
+        "array-record>=0.8",
+        "tensorboardX>=2.6",
+        "scikit-learn>=1.5",
     ],
     extras_require={
         # reading official .pt checkpoints; the CPU build (a newer torch pulls a CUDA build)

@@ -10,6 +10,7 @@ import sys
 # subcommand modules, in the order `dit-jax --help` lists them
 _SUBCOMMAND_MODULES = (
     "dit_jax.demo",
+    "dit_jax.train.cli",
     "dit_jax.convert.cli",
     "dit_jax.flops",
 )
@@ -27,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `--config.a.b=value` overrides go to subcommands that take them (train); anything else is an error
+        if not getattr(args, "accepts_overrides", False) or not all(e.startswith("--config.") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(getattr(args, "overrides", []) or []) + extra
     return int(args.func(args) or 0)
 
 

@@ -1,0 +1,1 @@
+"""Training: sharding, functional NNX step, EMA optimizer, Orbax checkpoints, metrics, the loop."""

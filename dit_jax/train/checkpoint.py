@@ -1,0 +1,431 @@
+"""Orbax checkpoints of the train state, the data iterator and the config, with corruption fallback and SIGTERM.
+
+One step directory per checkpoint (orbax CheckpointManager, async saves, the newest `keep` kept):
+
+    <directory>/<step>/state/    ocp.args.StandardSave of {"params", "rest", "opt_state", "step", "rng"} (any pytree)
+                      /data/     ocp.args.JsonSave of the data iterator's state dict (absent if none was given)
+                      /config/   ocp.args.JsonSave of the config as a dict (absent if none was given)
+                      /dit_jax_manifest.json   every file of the step and its size (written once orbax finalised it)
+
+Orbax writes each step into a temporary directory (`<step>.orbax-checkpoint-tmp...`) and renames it (or, on
+GCS, writes commit_success.txt) when complete; only complete steps are ever listed or restored, and leftover
+temporary directories of a killed run are removed when the next Checkpointer opens the directory.
+
+Restore (`restore(abstract_state)`) takes the newest complete step and falls back to older ones, with a warning
+naming the skipped step and why, when a step is corrupt: a file listed in its manifest is missing or has another
+size, its metadata cannot be read, or orbax fails to read it. A checkpoint whose tree or shapes differ from the
+abstract state is a configuration mismatch, not corruption: that raises CheckpointMismatchError naming the
+leaves, without falling back. Skipped (corrupt) steps newer than the restored one are moved aside to
+`<step>.corrupt-<time>` so that the resumed run can save those step numbers again.
+
+Preemption: `install_sigterm_handler()` makes SIGTERM set `preempted`; the loop saves with force=True, waits and
+exits. On several hosts, SIGTERM reaches the hosts at different steps: use `reached_preemption(step)`, which is
+orbax's (JAX's preemption sync point, the same step on every host) and falls back to the local flag on one host.
+
+Multi-host: every process calls save/restore with the same arguments; orbax writes each process's shards and
+the primary host finalises. Only the primary host writes manifests or moves corrupt steps aside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+PyTree = Any
+log = logging.getLogger("dit_jax.train.checkpoint")
+
+MANIFEST = "dit_jax_manifest.json"
+MANIFEST_FORMAT = "dit_jax.checkpoint.manifest/1"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint could be restored (none exists, or every candidate is corrupt or incomplete)."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tree or shapes differ from the abstract state (a config mismatch, not corruption)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    step: int
+    state: PyTree
+    data_state: dict | None
+    config: dict | None
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _warn(message: str) -> None:
+    log.warning(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _key_str(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...] | None]:
+    """{"opt_state/1/0/mu/w": shape}: NamedTuple fields, dict keys and sequence indices all become path parts, so
+    a state and its orbax metadata tree (where NamedTuples are dicts and tuples lists) flatten alike."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    out = {}
+    for path, leaf in leaves:
+        shape = getattr(leaf, "shape", None)
+        out["/".join(_key_str(k) for k in path)] = None if shape is None else tuple(int(s) for s in shape)
+    return out
+
+
+def _list(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _compare_to_metadata(abstract_state: PyTree, meta_tree: PyTree, step: int, directory: Any) -> None:
+    want, have = _flat_shapes(abstract_state), _flat_shapes(meta_tree)
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = sorted(
+        f"{k} {have[k]} in the checkpoint vs {want[k]} expected"
+        for k in set(want) & set(have)
+        if want[k] is not None and have[k] is not None and want[k] != have[k]
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} leaves with other shapes: {_list(shapes)}")
+        if missing:
+            parts.append(f"{len(missing)} leaves missing from the checkpoint: {_list(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected leaves in the checkpoint: {_list(unexpected)}")
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {directory} does not match the state this config builds (a different "
+            f"model or optimizer config?); " + "; ".join(parts)
+        )
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True only if `ok` on every process (so every host falls back, or not, together)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+class Checkpointer:
+    """Orbax CheckpointManager with items "state" (pytree), "data" (JSON) and "config" (JSON).
+
+    save(step, state, data_state=, config=, force=) -> bool (async by default: arrays are copied to host before
+    it returns, so the caller may donate `state` right after); wait(); close(); latest_step(); all_steps();
+    restore(abstract_state, step=None) -> Restored(step, state, data_state, config).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3, async_save: bool = True,
+                 quarantine_corrupt: bool = True):
+        directory = str(directory)
+        if "://" not in directory:
+            directory = os.path.abspath(directory)
+        self.directory = epath.Path(directory)
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep={keep} must be >= 1 (or None to keep every checkpoint)")
+        self.keep = keep
+        self.async_save = async_save
+        self.quarantine_corrupt = quarantine_corrupt
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,  # leftovers of a run killed mid-save
+        )
+        handlers = dict(
+            state=ocp.StandardCheckpointHandler(),
+            data=ocp.JsonCheckpointHandler(),
+            config=ocp.JsonCheckpointHandler(),
+        )  # registered up front, so a fresh process can read metadata before its first save or restore
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._unmanifested: set[int] = set()  # steps saved by this instance whose manifest is not written yet
+        self._preempted = False
+        self._prev_sigterm: Any = None
+        self._sigterm_installed = False
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------------ save
+    def save(self, step: int, state: PyTree, *, data_state: dict | None = None, config: dict | None = None,
+             force: bool = False) -> bool:
+        """Save (asynchronously unless async_save=False). Returns whether a checkpoint was started: orbax skips
+        steps not newer than the latest unless force=True, and a step that already exists is not saved again.
+        data_state and config must be JSON-serialisable (they are left out of the checkpoint when None)."""
+        step = int(step)
+        self._write_manifests()  # saves that finished meanwhile
+        if step in self._mngr.all_steps():
+            log.info("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
+            return False
+        earlier = set(self._unmanifested)
+        items: dict[str, Any] = dict(state=ocp.args.StandardSave(state))
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        saved = bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=force))
+        if saved:
+            # orbax waited for the earlier saves before starting this one: they are complete now
+            self._write_manifests(earlier)
+            self._unmanifested.add(step)
+            if not self.async_save:
+                self._write_manifests()
+        return saved
+
+    def wait(self) -> None:
+        """Block until every pending save is complete on disk."""
+        self._mngr.wait_until_finished()
+        self._write_manifests()
+
+    def close(self) -> None:
+        """Wait for pending saves, release orbax's resources, and put the previous SIGTERM handler back."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._mngr.close()
+            self.uninstall_sigterm_handler()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def latest_step(self) -> int | None:
+        """The newest complete step (complete = finalised by orbax; it may still turn out corrupt on restore)."""
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(int(s) for s in self._mngr.all_steps())
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(int(step))
+
+    # ------------------------------------------------------------------------------------------------ manifests
+    def _write_manifests(self, steps: set[int] | None = None) -> None:
+        """Record every file (and size) of steps this instance saved that are complete: `steps` (known to be
+        complete), or else all of them once no save is in progress."""
+        if steps is None:
+            if not self._unmanifested or self._mngr.is_saving_in_progress():
+                return
+            steps = set(self._unmanifested)
+        steps &= self._unmanifested
+        self._unmanifested -= steps
+        if not _is_primary():
+            return
+        for step in sorted(steps):
+            d = self.step_dir(step)
+            try:
+                if not d.exists() or not ocp.step.is_path_finalized(d):
+                    continue  # already removed by max_to_keep
+                manifest = dict(format=MANIFEST_FORMAT, step=step, files=self._list_files(d))
+                tmp = d / (MANIFEST + ".tmp")
+                tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+                tmp.rename(d / MANIFEST)
+            except Exception as e:  # noqa: BLE001  (a manifest is a safety net; a failure only loses the net)
+                if not d.exists():
+                    continue  # removed by max_to_keep while we listed it
+                _warn(f"could not write the manifest of checkpoint step {step} in {self.directory}: {e!r}")
+
+    @staticmethod
+    def _list_files(d: epath.Path) -> dict[str, int]:
+        files = {}
+        for root, _, names in d.walk():
+            for name in names:
+                if name in (MANIFEST, MANIFEST + ".tmp"):
+                    continue
+                p = epath.Path(root) / name
+                files[os.path.relpath(str(p), str(d))] = int(p.stat().length)
+        return files
+
+    def _verify_files(self, step: int) -> str | None:
+        """None if the step's files agree with its manifest (or it has none); else what is wrong."""
+        d = self.step_dir(step)
+        if not d.is_dir():
+            return "its directory is missing"
+        if TMP_SUFFIX in d.name or not ocp.step.is_path_finalized(d):
+            return "it is an incomplete (temporary) checkpoint"
+        m = d / MANIFEST
+        if not m.exists():
+            return None  # saved by a run killed before it wrote the manifest: orbax's reads still check it
+        try:
+            manifest = json.loads(m.read_text())
+            expected = {str(k): int(v) for k, v in manifest["files"].items()}
+        except Exception as e:  # noqa: BLE001
+            return f"its manifest is unreadable ({e!r})"
+        found = self._list_files(d)
+        missing = sorted(f for f in expected if f not in found)
+        resized = sorted(f"{f} ({found[f]} bytes, expected {n})" for f, n in expected.items()
+                         if f in found and found[f] != n)
+        if not missing and not resized:
+            return None
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing file(s): {_list(missing, 5)}")
+        if resized:
+            parts.append(f"{len(resized)} truncated or altered file(s): {_list(resized, 5)}")
+        return "; ".join(parts)
+
+    # ------------------------------------------------------------------------------------------------ restore
+    def restore(self, abstract_state: PyTree | None, step: int | None = None) -> Restored:
+        """Restore `step` (None: the newest step that restores, falling back past corrupt ones with a warning).
+
+        abstract_state: the state's tree of jax.ShapeDtypeStruct (with .sharding) or arrays; the result has the
+        same tree structure (NamedTuples included), dtypes and shardings. None restores the raw saved tree (dicts
+        and lists in place of NamedTuples and tuples; orbax picks the shardings): for inspection, not training.
+        Raises CheckpointMismatchError if the tree/shapes differ, CheckpointError if nothing can be restored."""
+        self.wait()
+        steps = self.all_steps()
+        if step is not None:
+            if int(step) not in steps:
+                raise CheckpointError(
+                    f"no complete checkpoint for step {step} in {self.directory}; complete steps: {steps or 'none'}"
+                )
+            candidates = [int(step)]
+        else:
+            candidates = sorted(steps, reverse=True)
+        if not candidates:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+
+        tried: list[tuple[int, str]] = []
+        for i, s in enumerate(candidates):
+            problem = self._verify_files(s)
+            restored = None
+            if problem is None:
+                try:
+                    meta = self._mngr.item_metadata(s)["state"]
+                    meta_tree = meta.tree if hasattr(meta, "tree") else meta
+                    if meta_tree is None:
+                        raise ValueError("no state metadata")
+                except Exception as e:  # noqa: BLE001
+                    problem = f"its metadata cannot be read ({type(e).__name__}: {_short(e)})"
+            if problem is None:
+                if abstract_state is not None:  # raises: a mismatch is not corruption, no fallback
+                    _compare_to_metadata(abstract_state, meta_tree, s, self.directory)
+                try:
+                    restored = self._restore_step(s, abstract_state)
+                except Exception as e:  # noqa: BLE001
+                    problem = f"orbax could not read it ({type(e).__name__}: {_short(e)})"
+            if not _all_processes_agree(problem is None):
+                problem = problem or "another process could not read it"
+            if problem is None:
+                if tried:
+                    self._quarantine([t for t, _ in tried])
+                return restored
+            tried.append((s, problem))
+            nxt = f"; falling back to step {candidates[i + 1]}" if i + 1 < len(candidates) else ""
+            _warn(f"skipping checkpoint step {s} in {self.directory}: corrupt or incomplete, {problem}{nxt}")
+        listing = "; ".join(f"step {s}: {p}" for s, p in tried)
+        raise CheckpointError(f"no checkpoint in {self.directory} could be restored. Tried {listing}")
+
+    def _restore_step(self, step: int, abstract_state: PyTree) -> Restored:
+        d = self.step_dir(step)
+        items: dict[str, Any] = dict(state=ocp.args.StandardRestore(abstract_state))
+        for name in ("data", "config"):
+            if (d / name).exists():
+                items[name] = ocp.args.JsonRestore()
+        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        return Restored(
+            step=step,
+            state=out["state"],
+            data_state=out["data"] if "data" in items else None,
+            config=out["config"] if "config" in items else None,
+        )
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Move corrupt steps aside (`<step>.corrupt-<time>`): the resumed run will save these step numbers again,
+        and orbax would otherwise refuse them and keep counting the corrupt steps as the newest."""
+        if not self.quarantine_corrupt:
+            return
+        if _is_primary():
+            for s in steps:
+                src = self.step_dir(s)
+                dst = self.directory / f"{s}.corrupt-{int(time.time())}"
+                try:
+                    src.rename(dst)
+                    _warn(f"moved the corrupt checkpoint step {s} aside to {dst}")
+                except Exception as e:  # noqa: BLE001
+                    # left in place it would stay the "latest" step and block saving step {s} again
+                    _warn(f"could not move the corrupt checkpoint step {s} aside ({e!r}); deleting {src}")
+                    try:
+                        src.rmtree()
+                    except Exception as e2:  # noqa: BLE001
+                        _warn(f"could not delete {src} either ({e2!r}): remove it by hand")
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("dit_jax_checkpoint_quarantine")
+        self._mngr.reload()
+
+    # ------------------------------------------------------------------------------------------------ preemption
+    @property
+    def preempted(self) -> bool:
+        """True once SIGTERM arrived (after install_sigterm_handler). Local to this process."""
+        return self._preempted
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether to save and stop at `step`: orbax's preemption sync point (JAX's preemption service agrees on
+        one step across hosts), or the local SIGTERM flag on a single host."""
+        if jax.process_count() == 1 and self._preempted:
+            return True
+        return bool(self._mngr.reached_preemption(int(step)))
+
+    def install_sigterm_handler(self) -> None:
+        """SIGTERM sets `preempted` instead of killing the process (the previous handler is restored by close()).
+        Must be called from the main thread. A handler installed outside Python (JAX's preemption notifier in
+        multi-host runs) is left in place: use reached_preemption(step) there."""
+        if self._sigterm_installed:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("install_sigterm_handler() must be called from the main thread")
+        prev = signal.getsignal(signal.SIGTERM)
+        if prev is None:
+            log.info("SIGTERM has a handler installed outside Python (JAX's preemption service?); leaving it: "
+                     "use Checkpointer.reached_preemption(step)")
+            return
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            self._preempted = True
+            # only async-signal-safe work here (no logging locks, no buffered prints)
+            os.write(2, b"SIGTERM received: the trainer will save a checkpoint and stop\n")
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        self._prev_sigterm = prev
+        self._sigterm_installed = True
+
+    def uninstall_sigterm_handler(self) -> None:
+        if not self._sigterm_installed:
+            return
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._prev_sigterm)
+        self._sigterm_installed = False
+
+
+TMP_SUFFIX = ocp.step.TMP_DIR_SUFFIX
+
+
+def _short(e: BaseException, n: int = 300) -> str:
+    s = str(e).replace("\n", " ")
+    return s if len(s) <= n else s[:n] + "..."

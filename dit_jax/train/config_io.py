@@ -1,0 +1,559 @@
+"""Loading, overriding, checking and serialising the trainer's ml_collections configs.
+
+A config is a Python file with `get_config(arg: str | None = None) -> ConfigDict` (big_vision style; its
+docstring is the launch command). `load_config("configs/dit_imagenet.py:variant=XL/2,res=256", overrides)`
+imports the file, calls `get_config("variant=XL/2,res=256")`, locks the result (a mistyped key is an error that
+names it and suggests close matches) and applies command-line overrides such as `--config.optim.lr=3e-4`,
+each parsed to the type of the field it replaces. This is the behaviour of
+`ml_collections.config_flags.DEFINE_config_file(..., lock_config=True)`, as a plain function, so the CLI, the
+Colab notebook and the tests share it and its error messages say what to type instead.
+
+The schema (every field the trainer reads) is `base_config()`; each config file starts from it and sets its
+values explicitly. `None` is never stored: optional strings use "" (see `data.data_dir`) and optional sizes use
+0 (see `model.depth`), so every field keeps a type and locked overrides are type-checked.
+
+`config.runlocal = True` (through the config argument, `:runlocal=True`, or an override,
+`--config.runlocal=True`) shrinks any config with `apply_runlocal` to a smoke test that runs on a laptop CPU in
+about a minute; explicit overrides still win over what runlocal sets.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ml_collections import ConfigDict
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "apply_runlocal",
+    "base_config",
+    "config_from_dict",
+    "config_to_dict",
+    "flat_keys",
+    "load_config",
+    "parse_config_spec",
+    "split_config_argv",
+    "validate_config",
+    "DATA_SOURCES",
+    "MODEL_DTYPES",
+]
+
+# The repository checkout (…/dit_jax/train/config_io.py -> …): relative config paths resolve against it too.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+DATA_SOURCES = ("digits", "tfds", "folder", "latents")
+MODEL_DTYPES = ("float32", "bfloat16")
+NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
+VAE_DOWNSAMPLE = 8  # SD AutoencoderKL: 8x spatial downsampling, 4 latent channels
+VAE_CHANNELS = 4
+
+_TRUE = ("true", "t", "yes", "y", "on", "1")
+_FALSE = ("false", "f", "no", "n", "off", "0")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded, overridden or trained with; the message says what to change."""
+
+
+# ==========================================================================================================
+# The schema
+# ==========================================================================================================
+def base_config() -> ConfigDict:
+    """Every field the trainer reads, with the paper's values (DESIGN.md section 3) where it has one.
+
+    Config files start from this and set their own values explicitly, so that reading a config file shows the
+    whole recipe; adding a field here makes it overridable everywhere.
+    """
+    config = ConfigDict()
+    config.seed = 0
+    config.runlocal = False  # True: shrink to a one-minute CPU smoke test (apply_runlocal)
+
+    config.model = ConfigDict()
+    config.model.variant = "XL/2"  # "S|B|L|XL / 2|4|8" (decode_variant); the sizes below override it when > 0
+    config.model.depth = 0  # 0 = the variant's
+    config.model.hidden_size = 0  # 0 = the variant's
+    config.model.num_heads = 0  # 0 = the variant's
+    config.model.patch_size = 0  # 0 = the variant's
+    config.model.input_size = 32  # side of the model input: latents (res // 8) or pixels
+    config.model.in_channels = 4
+    config.model.num_classes = 1000
+    config.model.learn_sigma = True
+    config.model.class_dropout_prob = 0.1
+    config.model.block_type = "adaLN-Zero"  # adaLN-Zero | adaLN | cross-attn | in-context
+    config.model.dtype = "float32"  # matmul compute dtype: float32 | bfloat16 (params stay float32)
+    config.model.attn_impl = "xla"  # xla | cudnn (NVIDIA GPUs, bf16)
+    config.model.scan_blocks = False  # stacked blocks under lax.scan (compile time O(1) in depth)
+    config.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+
+    # create_diffusion(...) arguments for training (sampling respaces with train.sample_steps)
+    config.diffusion = ConfigDict()
+    config.diffusion.timestep_respacing = ""
+    config.diffusion.noise_schedule = "linear"
+    config.diffusion.learn_sigma = True
+    config.diffusion.use_kl = False
+    config.diffusion.sigma_small = False
+    config.diffusion.predict_xstart = False
+    config.diffusion.rescale_learned_sigmas = False
+    config.diffusion.diffusion_steps = 1000
+
+    config.data = ConfigDict()
+    config.data.source = "latents"  # digits | tfds | folder | latents
+    config.data.name = "imagenet2012"  # tfds dataset name
+    config.data.split = "train"
+    config.data.data_dir = ""  # tfds data_dir; "" = the library default (None)
+    config.data.path = ""  # image folder or latent ArrayRecord directory
+    config.data.image_size = 256  # pixel side (ADM centre crop); the latents' source images for "latents"
+    config.data.channels = 3  # image channels
+    config.data.num_classes = 1000
+    config.data.random_flip = True
+    config.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
+    config.data.latent_scale = 0.18215  # z = latent_scale * (mean + std * eps), drawn fresh every step
+    config.data.vae = "stabilityai/sd-vae-ft-ema"
+
+    config.optim = ConfigDict()
+    config.optim.lr = 1e-4  # AdamW, constant after warm-up
+    config.optim.weight_decay = 0.0  # pass explicitly: optax.adamw defaults to 1e-4
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.grad_clip_norm = 0.0  # global-norm clipping; 0 = off (the paper does not clip)
+    config.optim.warmup_steps = 0  # linear warm-up from 0; 0 = off (the paper has none)
+    config.optim.ema_decay = 0.9999  # ema = d * ema + (1 - d) * params every step, from the initial params
+
+    config.train = ConfigDict()
+    config.train.global_batch = 256
+    config.train.steps = 400_000
+    config.train.log_every = 100
+    config.train.ckpt_every = 50_000  # 0 = only at the end
+    config.train.keep_ckpts = 3
+    config.train.sample_every = 0  # steps between EMA sample grids; 0 = off
+    config.train.sample_cfg_scale = 4.0
+    config.train.sample_steps = 250  # DDPM steps for the sample grids
+    config.train.sample_per_class = 4
+    config.train.sample_num_classes = 8  # the grid shows this many classes (rows)
+    config.train.nan_check = True  # raise on a non-finite loss at log steps
+
+    config.mesh = ConfigDict()
+    config.mesh.data = -1  # -1 = every device not used by fsdp
+    config.mesh.fsdp = 1
+    config.fsdp = False  # shard params (and optimizer / EMA state) over the 'fsdp' axis
+    return config
+
+
+def apply_runlocal(config: ConfigDict) -> ConfigDict:
+    """Shrink `config` in place to a smoke test that runs on a CPU in about a minute; returns it.
+
+    Tiny model (depth 2, width 64, 4 heads; the variant's patch size), batch 8, 20 steps, fp32, small sample
+    grids. The data source, image size and number of classes are kept, so the data path is exercised as is.
+    Idempotent; sets only fields the config has.
+    """
+    def put(path: str, value: Any) -> None:
+        node, _, name = path.rpartition(".")
+        section = config
+        for part in filter(None, node.split(".")):
+            if part not in section:
+                return
+            section = section[part]
+        if name in section:
+            section[name] = value
+
+    put("runlocal", True)
+    for path, value in (
+        ("model.depth", 2),
+        ("model.hidden_size", 64),
+        ("model.num_heads", 4),
+        ("model.dtype", "float32"),
+        ("model.attn_impl", "xla"),
+        ("model.remat_policy", "none"),
+        ("data.num_workers", 0),
+        ("train.global_batch", 8),
+        ("train.steps", 20),
+        ("train.log_every", 5),
+        ("train.ckpt_every", 10),
+        ("train.keep_ckpts", 2),
+        ("train.sample_steps", 10),
+        ("train.sample_per_class", 2),
+    ):
+        put(path, value)
+    train = config.get("train")
+    if train is not None:
+        if "sample_num_classes" in train and "model" in config:
+            put("train.sample_num_classes", min(4, int(config.model.num_classes)))
+        if train.get("sample_every", 0) > train.get("steps", 0):
+            put("train.sample_every", train.steps)
+    return config
+
+
+# ==========================================================================================================
+# Loading
+# ==========================================================================================================
+def parse_config_spec(spec: str) -> tuple[str, str | None]:
+    """"configs/x.py:variant=XL/2" -> ("configs/x.py", "variant=XL/2"); "configs/x.py" -> ("configs/x.py", None)."""
+    match = re.fullmatch(r"(.+?\.py)(?::(.*))?", spec.strip())
+    if not match:
+        raise ConfigError(f"config spec {spec!r} is not of the form path/to/config.py[:arg]")
+    return match.group(1), match.group(2)
+
+
+def _resolve_config_path(path: str) -> Path:
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        tried = [candidate]
+    else:
+        roots = [Path.cwd(), REPO_ROOT]
+        try:  # an installed `configs` package (setup.py ships configs/*.py)
+            spec = importlib.util.find_spec("configs")
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            roots += [Path(loc).parent for loc in spec.submodule_search_locations]
+        tried = []
+        for root in roots:
+            if root / candidate not in tried:
+                tried.append(root / candidate)
+    for p in tried:
+        if p.is_file():
+            return p.resolve()
+    raise ConfigError(f"config file {path!r} not found; tried: {', '.join(str(p) for p in tried)}")
+
+
+def _import_config_module(path: Path):
+    # The config files import `configs.common`: make the checkout that holds this file importable.
+    if path.parent.name == "configs" and (path.parent / "__init__.py").is_file():
+        root = str(path.parent.parent)
+        if importlib.util.find_spec("configs") is None and root not in sys.path:
+            sys.path.insert(0, root)
+    name = "_dit_jax_config_" + re.sub(r"\W", "_", path.stem) + "_" + hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"config file {path} has no get_config(arg=None) function")
+    return module
+
+
+def load_config(spec: str, overrides: Sequence[str] = (), *, validate: bool = True) -> ConfigDict:
+    """Load "path/to/config.py[:arg]", lock it, apply `overrides`, re-apply runlocal, validate.
+
+    spec: a path relative to the working directory or to the repository root (so "configs/digits.py" works from
+    anywhere), with an optional ":arg" passed to `get_config(arg)` (no ":" calls `get_config()`).
+    overrides: "--config.optim.lr=3e-4", "config.optim.lr=3e-4" or "optim.lr=3e-4"; a bool field alone
+    ("--config.runlocal") means True. Each value is parsed to the type of the field it replaces; unknown keys
+    and unparsable values raise ConfigError naming the key.
+    """
+    path, arg = parse_config_spec(spec)
+    module = _import_config_module(_resolve_config_path(path))
+    config = module.get_config(arg) if arg is not None else module.get_config()
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"{path}: get_config returned {type(config).__name__}, expected an ml_collections.ConfigDict")
+    config.lock()
+    apply_overrides(config, overrides)
+    if config.get("runlocal", False):
+        # runlocal requested on the command line shrinks after the overrides; explicit overrides still win.
+        apply_runlocal(config)
+        apply_overrides(config, [o for o in overrides if _override_key(o) != "runlocal"])
+    if validate:
+        validate_config(config)
+    return config
+
+
+def split_config_argv(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
+    """Command-line words -> (config spec, config overrides, everything else).
+
+    Understands "--config SPEC", "--config=SPEC", "--config.key=value" and "--config.key value" (the value
+    word must not start with "--"; a bool key alone means True), leaving other words alone.
+    """
+    spec, overrides, rest = None, [], []
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--config":
+            if i + 1 >= len(words):
+                raise ConfigError("--config needs a value: path/to/config.py[:arg]")
+            spec, i = words[i + 1], i + 2
+            continue
+        if word.startswith("--config="):
+            spec = word.split("=", 1)[1]
+        elif word.startswith("--config."):
+            if "=" not in word and i + 1 < len(words) and not words[i + 1].startswith("--"):
+                word, i = f"{word}={words[i + 1]}", i + 1
+            overrides.append(word)
+        else:
+            rest.append(word)
+        i += 1
+    return spec, overrides, rest
+
+
+# ==========================================================================================================
+# Overrides
+# ==========================================================================================================
+def flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf field as a dotted key ("optim.lr", ...)."""
+    out = []
+    for key, value in config.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, ConfigDict):
+            out += flat_keys(value, full + ".")
+        else:
+            out.append(full)
+    return out
+
+
+def _override_key(override: str) -> str:
+    key = override.split("=", 1)[0].strip()
+    for prefix in ("--config.", "-config.", "config."):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _unknown_key(config: ConfigDict, key: str) -> ConfigError:
+    keys = flat_keys(config)
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.8)
+    if not close:  # a mistyped section ("optimm.lr"): compare the last parts
+        leaves = {k: k.rsplit(".", 1)[-1] for k in keys}
+        near = set(difflib.get_close_matches(key.rsplit(".", 1)[-1], set(leaves.values()), n=3, cutoff=0.75))
+        close = [k for k, leaf in leaves.items() if leaf in near][:3]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (the config is locked: overrides cannot add fields)")
+
+
+def _type_name(kind: type) -> str:
+    return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}.get(kind, kind.__name__)
+
+
+def _parse_value(key: str, raw: str | None, kind: type, current: Any) -> Any:
+    def bad(extra: str = "") -> ConfigError:
+        return ConfigError(f"config key {key!r} expects {_type_name(kind)}, got {raw!r}{extra}")
+
+    if raw is None:  # "--config.flag" with no value
+        if kind is bool:
+            return True
+        raise ConfigError(f"config key {key!r} needs a value: --config.{key}=VALUE")
+    text = raw.strip()
+    if kind is type(None):  # an untyped None field: the Python literal, or the text
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    if text == "None":
+        raise bad(" (None is not allowed for a typed field; string fields use '' for 'unset')")
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise bad()
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                raise bad() from None
+            if math.isfinite(number) and number.is_integer():
+                return int(number)  # "4e5"
+            raise bad() from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise bad() from None
+    if kind is str:
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return text[1:-1]
+        return raw
+    if kind in (tuple, list):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise bad() from None
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return kind(value)
+    raise ConfigError(f"config key {key!r} has type {kind.__name__}, which overrides cannot set")
+
+
+def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
+    """Apply "--config.a.b=value" / "a.b=value" overrides in place (see load_config); returns config."""
+    for override in overrides:
+        key = _override_key(override)
+        raw = override.split("=", 1)[1] if "=" in override else None
+        if not key:
+            raise ConfigError(f"override {override!r} names no key")
+        *sections, name = key.split(".")
+        node = config
+        for part in sections:
+            if part not in node or not isinstance(node[part], ConfigDict):
+                raise _unknown_key(config, key)
+            node = node[part]
+        if name not in node:
+            raise _unknown_key(config, key)
+        if isinstance(node[name], ConfigDict):
+            raise ConfigError(f"config key {key!r} is a section; override its fields ({key}.FIELD=VALUE)")
+        value = _parse_value(key, raw, node.get_type(name), node[name])
+        try:
+            node[name] = value
+        except TypeError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
+    return config
+
+
+# ==========================================================================================================
+# Serialisation (checkpoints store the config as JSON)
+# ==========================================================================================================
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item"):  # numpy / jax scalars
+        return value.item()
+    raise ConfigError(f"config value {value!r} of type {type(value).__name__} is not JSON-serialisable")
+
+
+def config_to_dict(config: ConfigDict) -> dict:
+    """A nested dict of JSON types (tuples become lists); json.dumps(config_to_dict(c)) always works."""
+    return _plain(config.to_dict())
+
+
+def config_from_dict(d: dict, *, fill_defaults: bool = False) -> ConfigDict:
+    """The inverse of config_to_dict: a locked ConfigDict. fill_defaults=True merges `d` over base_config(), so a
+    config saved before a field existed gets the field's default (keys unknown to the schema are kept)."""
+    if fill_defaults:
+        config = base_config()
+
+        def merge(node: ConfigDict, values: dict) -> None:
+            for k, v in values.items():
+                if isinstance(v, dict) and isinstance(node.get(k), ConfigDict):
+                    merge(node[k], v)
+                elif k in node and not isinstance(node[k], ConfigDict):
+                    node[k] = v
+                else:
+                    node[k] = ConfigDict(v) if isinstance(v, dict) else v
+
+        merge(config, d)
+    else:
+        config = ConfigDict(d)
+    config.lock()
+    return config
+
+
+# ==========================================================================================================
+# Validation
+# ==========================================================================================================
+def validate_config(config: ConfigDict) -> None:
+    """Raise ConfigError listing every impossible setting (global_batch divisibility by the device count is
+    checked by the trainer, which knows the devices)."""
+    from dit_jax.models.dit import BLOCK_TYPES, REMAT_POLICIES, decode_variant  # imports jax: keep it lazy
+    from dit_jax.models.layers import ATTENTION_IMPLS
+
+    errors: list[str] = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    def one_of(key: str, value: Any, allowed: Sequence[Any]) -> None:
+        check(value in allowed, f"{key}={value!r} is not one of {tuple(allowed)}")
+
+    m, d, data, o, t = config.model, config.diffusion, config.data, config.optim, config.train
+
+    # --- model
+    arch: dict[str, int] = {}
+    try:
+        arch = decode_variant(m.variant)
+    except ValueError as e:
+        errors.append(f"model.variant: {e}")
+    for k in ("depth", "hidden_size", "num_heads", "patch_size"):
+        check(m[k] >= 0, f"model.{k}={m[k]} must be >= 0 (0 = the variant's)")
+        if m[k] > 0:
+            arch[k] = m[k]
+    if arch:
+        check(arch["hidden_size"] % arch["num_heads"] == 0,
+              f"model hidden_size {arch['hidden_size']} is not divisible by num_heads {arch['num_heads']}")
+        check(m.input_size > 0 and m.input_size % arch["patch_size"] == 0,
+              f"model.input_size={m.input_size} is not a positive multiple of patch_size {arch['patch_size']}")
+    check(m.in_channels > 0, f"model.in_channels={m.in_channels} must be > 0")
+    check(m.num_classes > 0, f"model.num_classes={m.num_classes} must be > 0")
+    check(0.0 <= m.class_dropout_prob < 1.0, f"model.class_dropout_prob={m.class_dropout_prob} must be in [0, 1)")
+    one_of("model.block_type", m.block_type, BLOCK_TYPES)
+    one_of("model.dtype", m.dtype, MODEL_DTYPES)
+    one_of("model.attn_impl", m.attn_impl, ATTENTION_IMPLS)
+    one_of("model.remat_policy", m.remat_policy, tuple(REMAT_POLICIES))
+
+    # --- diffusion
+    one_of("diffusion.noise_schedule", d.noise_schedule, NOISE_SCHEDULES)
+    check(d.diffusion_steps > 0, f"diffusion.diffusion_steps={d.diffusion_steps} must be > 0")
+    check(d.learn_sigma == m.learn_sigma,
+          f"diffusion.learn_sigma={d.learn_sigma} disagrees with model.learn_sigma={m.learn_sigma}")
+    check(re.fullmatch(r"|ddim\d+|\d+(,\d+)*", d.timestep_respacing) is not None,
+          f"diffusion.timestep_respacing={d.timestep_respacing!r} must be '', 'ddimN' or counts like '250' / '10,15,20'")
+
+    # --- data
+    one_of("data.source", data.source, DATA_SOURCES)
+    check(data.num_classes == m.num_classes,
+          f"data.num_classes={data.num_classes} disagrees with model.num_classes={m.num_classes}")
+    check(data.image_size > 0 and data.channels > 0, "data.image_size and data.channels must be > 0")
+    check(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0")
+    check(data.latent_scale > 0, f"data.latent_scale={data.latent_scale} must be > 0")
+    pixel = m.input_size == data.image_size and m.in_channels == data.channels
+    latent = m.input_size * VAE_DOWNSAMPLE == data.image_size and m.in_channels == VAE_CHANNELS
+    if data.source == "digits":
+        check(pixel, f"data.source='digits' trains in pixel space: model.input_size/in_channels "
+                     f"({m.input_size}, {m.in_channels}) must equal data.image_size/channels ({data.image_size}, {data.channels})")
+    elif data.source == "latents":
+        check(latent, f"data.source='latents' needs model.input_size = data.image_size // {VAE_DOWNSAMPLE} "
+                      f"({data.image_size // VAE_DOWNSAMPLE}) and model.in_channels = {VAE_CHANNELS}; "
+                      f"got ({m.input_size}, {m.in_channels})")
+    elif data.source in ("tfds", "folder"):
+        check(pixel or latent, f"model.input_size/in_channels ({m.input_size}, {m.in_channels}) fit neither pixel "
+                               f"space ({data.image_size}, {data.channels}) nor VAE latents "
+                               f"({data.image_size // VAE_DOWNSAMPLE}, {VAE_CHANNELS})")
+    # data.path / data_dir are checked when the data is opened (a runlocal smoke test may not have them).
+
+    # --- optimizer
+    check(o.lr >= 0, f"optim.lr={o.lr} must be >= 0")
+    check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1)")
+    check(o.eps > 0, f"optim.eps={o.eps} must be > 0")
+    check(o.grad_clip_norm >= 0, f"optim.grad_clip_norm={o.grad_clip_norm} must be >= 0 (0 = off)")
+    check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    check(0 <= o.ema_decay <= 1, f"optim.ema_decay={o.ema_decay} must be in [0, 1]")
+
+    # --- training loop
+    check(t.global_batch > 0, f"train.global_batch={t.global_batch} must be > 0")
+    check(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
+    check(t.log_every > 0, f"train.log_every={t.log_every} must be > 0")
+    check(t.ckpt_every >= 0, f"train.ckpt_every={t.ckpt_every} must be >= 0 (0 = only at the end)")
+    check(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
+    check(t.sample_every >= 0, f"train.sample_every={t.sample_every} must be >= 0 (0 = off)")
+    if t.sample_every > 0:
+        check(0 < t.sample_steps <= d.diffusion_steps,
+              f"train.sample_steps={t.sample_steps} must be in [1, diffusion.diffusion_steps={d.diffusion_steps}]")
+        check(t.sample_per_class > 0, f"train.sample_per_class={t.sample_per_class} must be > 0")
+        check(0 < t.sample_num_classes <= m.num_classes,
+              f"train.sample_num_classes={t.sample_num_classes} must be in [1, model.num_classes={m.num_classes}]")
+
+    # --- mesh
+    check(config.mesh.data == -1 or config.mesh.data >= 1, f"mesh.data={config.mesh.data} must be -1 (all) or >= 1")
+    check(config.mesh.fsdp >= 1, f"mesh.fsdp={config.mesh.fsdp} must be >= 1")
+
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+

@@ -1,0 +1,237 @@
+"""The trainer: reads top to bottom in phases (as big_vision's train.py).
+
+mesh -> input -> model and optimizer (abstract) -> shard and transfer (restore or init) -> update step (AOT
+compiled) -> checkpointing -> train loop (metrics, NaN guard, checkpoints, preemption, EMA samples).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dit_jax import flops
+from dit_jax.data import make_train_iterator
+from dit_jax.diffusion import create_diffusion
+from dit_jax.images import make_grid, to_uint8
+from dit_jax.sample import sample_latents
+from dit_jax.train import metrics as metrics_lib
+from dit_jax.train.checkpoint import Checkpointer
+from dit_jax.train.config_io import config_to_dict
+from dit_jax.train.optim import ema_params, make_optimizer
+from dit_jax.train.sharding import batch_sharding, make_mesh, param_shardings, replicated, shard_batch
+from dit_jax.train.state import abstract_state, init_state, model_kwargs
+from dit_jax.train.step import make_train_step
+
+log = logging.getLogger("dit_jax.train")
+FAULT_ENV = "DIT_JAX_FAULT_AFTER_STEP"  # test hook: SIGKILL this process once the checkpoint of that step is on disk
+
+
+def _maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize() when launched on several hosts (TPU pod slices, or an explicit coordinator)."""
+    if jax.process_count() > 1:
+        return
+    multi_host = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")
+    if multi_host:
+        jax.distributed.initialize()
+
+
+def diffusion_kwargs(diffusion_cfg: Any) -> dict[str, Any]:
+    keys = ("timestep_respacing", "noise_schedule", "use_kl", "sigma_small", "predict_xstart", "learn_sigma",
+            "rescale_learned_sigmas", "diffusion_steps")
+    return {k: getattr(diffusion_cfg, k) for k in keys if hasattr(diffusion_cfg, k)}
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def train_flops_per_example(config: Any) -> float:
+    """Real FLOPs of one training example: 3 x forward (forward + backward), 2 FLOPs per MAC."""
+    kw = model_kwargs(config.model)
+    keys = ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "learn_sigma",
+            "num_classes", "block_type")
+    return 3 * 2 * flops.dit_macs(**{k: kw[k] for k in keys})
+
+
+def sample_grid(graphdef: nnx.GraphDef, params: dict, rest: dict, config: Any, key: jax.Array) -> np.ndarray:
+    """EMA samples: sample_per_class rows? -> (labels, uint8 images (N, H, W, C)), one class per row."""
+    model = nnx.merge(graphdef, params, rest)
+    n_cls = min(config.train.sample_num_classes, config.model.num_classes)
+    labels = np.repeat(np.arange(n_cls), config.train.sample_per_class)
+    x = sample_latents(
+        model,
+        labels,
+        key=key,
+        num_steps=config.train.sample_steps,
+        cfg_scale=config.train.sample_cfg_scale,
+        cfg_channels=None,  # pixel space: guide every channel
+        clip_denoised=True,
+    )
+    return labels, to_uint8(x)
+
+
+def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Train (or resume) in `workdir`. Returns a summary dict (final step, last metrics, paths)."""
+    _maybe_initialize_distributed()
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+
+    # ================================================================ mesh
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    global_batch = config.train.global_batch
+    if global_batch % mesh.size:
+        raise ValueError(f"train.global_batch={global_batch} is not divisible by the {mesh.size} devices")
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    # ================================================================ input
+    data_iter = make_train_iterator(config.data, global_batch=global_batch, seed=config.seed)
+    latent_scale = config.data.latent_scale if config.data.source == "latents" else None
+
+    # ================================================================ model and optimizer (abstract)
+    optimizer = make_optimizer(config.optim)
+    diffusion = create_diffusion(**diffusion_kwargs(config.diffusion))
+    graphdef, abstract = abstract_state(config.model, optimizer, config.seed)
+    shardings = param_shardings(abstract, mesh, fsdp=bool(config.fsdp))
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
+
+    # ================================================================ shard and transfer (restore or init)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_ckpts)
+    if ckpt.latest_step() is not None:
+        restored = ckpt.restore(_with_shardings(abstract, shardings))
+        state = restored.state
+        if restored.data_state:
+            data_iter.set_state(restored.data_state)
+        print(f"resumed from step {restored.step} in {ckpt.directory}", flush=True)
+    else:
+        state = jax.jit(lambda: init_state(config.model, optimizer, config.seed)[1], out_shardings=shardings)()
+    start_step = int(jax.device_get(state["step"]))
+
+    # ================================================================ update step (AOT compiled)
+    train_step = make_train_step(graphdef, diffusion, optimizer, latent_scale=latent_scale)
+    b_shard = batch_sharding(mesh)
+    probe = next(data_iter)  # shapes of a batch; the iterator state is rewound below
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct((global_batch, *np.shape(v)[1:]), np.asarray(v).dtype, sharding=b_shard)
+        for k, v in probe.items()
+    }
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(shardings, {k: b_shard for k in abstract_batch}),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    t0 = time.perf_counter()
+    compiled = jitted.lower(_with_shardings(abstract, shardings), abstract_batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    mem_gb = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**30
+    print(f"model {n_params / 1e6:.2f}M params; train step compiled in {compile_s:.1f}s"
+          + (f", {mem_gb:.2f} GiB per device (args + temps)" if mem_gb is not None else ""), flush=True)
+
+    # ================================================================ checkpointing
+    cfg_dict = config_to_dict(config)
+    ckpt.install_sigterm_handler()
+    fault_step = int(os.environ.get(FAULT_ENV, "-1"))
+
+    def save(step: int, force: bool = False) -> None:
+        ckpt.save(step, state, data_state=data_iter.get_state(), config=cfg_dict, force=force)
+
+    # ================================================================ train loop
+    # The probe batch is the first batch of this run: use it rather than dropping it.
+    pending = probe
+    peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
+    flops_per_step = train_flops_per_example(config) * global_batch
+    total = config.train.steps
+    progress = metrics_lib.Progress(total, initial=start_step) if is_main else None
+    window: list[dict] = []
+    last_good_ckpt = ckpt.latest_step()
+    t_window = time.perf_counter()
+    last: dict[str, float] = {}
+    step = start_step
+    status = "done"
+    while step < total:
+        local = pending if pending is not None else next(data_iter)
+        pending = None
+        batch = shard_batch(local, mesh)
+        with jax.transfer_guard("disallow"):
+            state, m = compiled(state, batch)
+        window.append(m)
+        step += 1
+
+        if step % config.train.log_every == 0 or step == total:
+            host = jax.device_get(window)
+            last = {k: float(np.mean([w[k] for w in host])) for k in host[0]}
+            if config.train.nan_check and not all(np.isfinite(v) for v in last.values()):
+                writer.flush()
+                ckpt.wait()  # let the last good checkpoint finish; nothing newer is saved
+                ckpt.close()
+                raise FloatingPointError(
+                    f"non-finite metrics at step {step}: {last}. Stopping without saving; the last good "
+                    f"checkpoint is step {last_good_ckpt} in {ckpt.directory}"
+                )
+            dt = time.perf_counter() - t_window
+            steps_per_s = len(window) / dt
+            last.update(
+                steps_per_s=steps_per_s,
+                images_per_s=steps_per_s * global_batch,
+                tflops_per_device=steps_per_s * flops_per_step / mesh.size / 1e12,
+                bad_records=float(data_iter.stats().get("bad_records", 0)),
+            )
+            util = metrics_lib.mfu(flops_per_step, 1.0 / steps_per_s, mesh.size, peak)
+            if util is not None:
+                last["mfu"] = util
+            writer.write_scalars(step, last)
+            window, t_window = [], time.perf_counter()
+            if progress:
+                progress.update(step, last)
+
+        if config.train.sample_every and step % config.train.sample_every == 0 and step != total:
+            _write_samples(writer, graphdef, state, config, step)
+
+        # SIGTERM reaches hosts at different steps: reached_preemption agrees on one step across processes
+        preempted = ckpt.reached_preemption(step)
+        if step % config.train.ckpt_every == 0 or step == total or preempted:
+            save(step, force=True)
+            last_good_ckpt = step
+            if step == fault_step:
+                ckpt.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if preempted:
+                ckpt.wait()
+                status = "preempted"
+                print(f"SIGTERM: saved step {step} and stopping", flush=True)
+                break
+
+    # ================================================================ wrap up
+    ckpt.wait()
+    ckpt.close()
+    if progress:
+        progress.close()
+    writer.flush()
+    writer.close()
+    loss_png = workdir / "loss.png"
+    if is_main and (workdir / "metrics.jsonl").exists():
+        metrics_lib.plot_loss(workdir / "metrics.jsonl", loss_png)
+    return dict(step=step, status=status, metrics=last, workdir=str(workdir), graphdef=graphdef, state=state,
+                compile_s=compile_s, loss_png=str(loss_png))
+
+
+def _write_samples(writer: Any, graphdef: nnx.GraphDef, state: dict, config: Any, step: int) -> None:
+    """An EMA sample grid (pixel-space models only until the VAE lands), one class per row."""
+    if config.data.source == "latents":
+        return  # decoding latents needs the VAE
+    params = ema_params(state["opt_state"])
+    _, images = sample_grid(graphdef, params, state["rest"], config, jax.random.key(step))
+    writer.write_images(step, "ema_samples", make_grid(images, nrow=config.train.sample_per_class))

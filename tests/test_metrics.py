@@ -1,0 +1,172 @@
+"""dit_jax.train.metrics: the JSONL + TensorBoard writer, images, the PIL loss plot, peak FLOP/s, Progress."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboardX.proto import event_pb2
+
+from dit_jax.train.metrics import (
+    MetricWriter,
+    Progress,
+    format_metrics,
+    mfu,
+    peak_flops_per_device,
+    plot_loss,
+    read_jsonl,
+)
+
+
+def read_events(tb_dir: Path) -> list[event_pb2.Event]:
+    """Every event of every event file under tb_dir (TFRecord framing: u64 length, u32 crc, data, u32 crc)."""
+    events = []
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length]))
+            pos += 12 + length + 4
+    return events
+
+
+def scalars_in(events) -> dict[tuple[str, int], float]:
+    return {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value if v.HasField("simple_value")}
+
+
+def test_writer_writes_jsonl_and_tensorboard_scalars(tmp_path):
+    with MetricWriter(tmp_path) as w:
+        w.write_scalars(10, {"loss": jnp.float32(0.5), "lr": np.float64(1e-4), "tokens": np.int64(7)})
+        w.write_scalars(20, {"loss": 0.25, "nan_seen": float("nan")})
+        assert read_jsonl(tmp_path / "metrics.jsonl")[0] == {"step": 10, "loss": 0.5, "lr": 1e-4, "tokens": 7}  # flushed
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [10, 20] and math.isnan(records[1]["nan_seen"])
+    assert isinstance(records[0]["tokens"], int)
+    scalars = scalars_in(read_events(tmp_path / "tb"))
+    assert scalars[("loss", 10)] == pytest.approx(0.5) and scalars[("loss", 20)] == pytest.approx(0.25)
+    assert scalars[("lr", 10)] == pytest.approx(1e-4)
+
+    # a second writer (a resumed run) appends to the JSONL and adds an event file
+    with MetricWriter(tmp_path) as w:
+        w.write_scalars(30, {"loss": 0.125})
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [10, 20, 30]
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) >= 1
+    assert scalars_in(read_events(tmp_path / "tb"))[("loss", 30)] == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="not a scalar"):
+        MetricWriter(tmp_path / "x").write_scalars(1, {"loss": np.zeros(3)})
+
+
+def test_writer_images_land_as_pngs_and_in_tensorboard(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
+    with MetricWriter(tmp_path) as w:
+        p1 = w.write_images(500, "samples/ema", rgb)
+        p2 = w.write_images(1000, "digits", gray)
+        with pytest.raises(ValueError, match="uint8"):
+            w.write_images(1, "bad", rgb.astype(np.float32))
+    assert p1 == tmp_path / "samples" / "samples_ema_0000500.png"
+    assert p2 == tmp_path / "samples" / "digits_0001000.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(p1)), rgb)
+    np.testing.assert_array_equal(np.asarray(Image.open(p2)), gray[..., 0])
+    images = {(v.tag, e.step): v.image for e in read_events(tmp_path / "tb") for v in e.summary.value if v.HasField("image")}
+    assert images[("samples/ema", 500)].width == 40 and images[("samples/ema", 500)].height == 24
+    assert not list((tmp_path / "samples").glob(".*"))  # no temporary files left behind
+
+
+def test_disabled_writer_does_nothing(tmp_path):
+    w = MetricWriter(tmp_path / "run", enabled=False)
+    w.write_scalars(1, {"loss": 1.0})
+    assert w.write_images(1, "x", np.zeros((4, 4, 3), np.uint8)) is None
+    w.flush()
+    w.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_read_jsonl_skips_a_truncated_last_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    assert read_jsonl(path) == []
+    path.write_text('{"step": 1, "loss": 1.0}\n\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    assert read_jsonl(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_jsonl(path)
+
+
+def test_plot_loss_draws_a_chart(tmp_path):
+    jsonl = tmp_path / "metrics.jsonl"
+    rng = np.random.default_rng(0)
+    with MetricWriter(tmp_path) as w:
+        for step in range(0, 2000, 10):
+            loss = 0.15 + 0.8 * math.exp(-step / 300) + 0.02 * rng.standard_normal()
+            w.write_scalars(step, {"loss": loss, "mse": loss * 0.9})
+        w.write_scalars(2000, {"grad_norm": 1.0})  # a record without the plotted key
+    png = plot_loss(jsonl, tmp_path / "plots" / "loss.png", keys=("loss", "mse"), size=(640, 400))
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape == (400, 640, 3)
+    background = np.all(img == 255, axis=-1)
+    assert 0.03 < (~background).mean() < 0.6  # axes, text and curves; not a blank or filled image
+    blue = np.all(img == (31, 119, 180), axis=-1)  # the smoothed curve of the first key
+    red = np.all(img == (214, 39, 40), axis=-1)
+    assert blue.sum() > 500 and red.sum() > 500
+    # the smoothed loss falls: its pixels are higher (smaller row) on the left than on the right
+    cols = np.nonzero(blue.any(axis=0))[0]
+    left_row = np.nonzero(blue[:, cols[5]])[0].mean()
+    right_row = np.nonzero(blue[:, cols[-5]])[0].mean()
+    assert left_row < right_row - 100
+    assert not list((tmp_path / "plots").glob(".*"))
+
+    # no data yet: still a valid image; log scale works
+    empty = np.asarray(Image.open(plot_loss(tmp_path / "missing.jsonl", tmp_path / "empty.png")).convert("L"))
+    assert empty.shape == (480, 800) and (empty < 255).any()
+    log = np.asarray(Image.open(plot_loss(jsonl, tmp_path / "log.png", log_y=True)).convert("RGB"))
+    assert np.all(log == (31, 119, 180), axis=-1).sum() > 500
+
+
+def test_peak_flops_and_mfu():
+    cpu = jax.devices("cpu")[0]
+    assert peak_flops_per_device(cpu) is None
+    assert peak_flops_per_device("cpu") is None
+    assert peak_flops_per_device("TPU v3") == 61.5e12  # per TensorCore = per JAX device
+    assert peak_flops_per_device("TPU v4") == 275e12
+    assert peak_flops_per_device("TPU v5 lite") == 197e12
+    assert peak_flops_per_device("TPU v5p") == peak_flops_per_device("TPU v5") == 459e12
+    assert peak_flops_per_device("TPU v6 lite") == 918e12
+    assert peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_per_device("NVIDIA H200") == 989.4e12
+    assert peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_per_device("NVIDIA L4") == 121e12
+    assert peak_flops_per_device("NVIDIA L40S") is None  # unknown, not mistaken for an L4
+    assert mfu(2 * 989.4e12, 1.0, 4, 989.4e12) == pytest.approx(0.5)
+    assert mfu(1e12, 1.0, 1, None) is None and mfu(1e12, 0.0, 1, 1e12) is None
+
+
+def test_format_metrics():
+    text = format_metrics({"step": 400000, "loss": 0.1234567, "lr": 1e-4, "steps_per_s": 5.7123, "tok": 12345.6,
+                           "x": jnp.float32(2.0), "bad": float("nan")})
+    assert text == "step=400000 loss=0.1235 lr=1.000e-04 steps_per_s=5.712 tok=12345.6 x=2 bad=nan"
+
+
+def test_progress_runs_without_a_tty(capsys):
+    with Progress(100, initial=10, enabled=True) as bar:
+        bar.update(50, {"loss": 0.25})
+        bar.update(50)  # same step: no error
+        bar.write("a log line")
+        assert bar.n == 50
+        bar.update(100, {"loss": 0.125})
+    err = capsys.readouterr().err
+    assert "loss=0.125" in err and "a log line" in err and "100/100" in err
+
+    quiet = Progress(10)  # enabled=None: off when stderr is not a terminal (as under pytest)
+    quiet.update(5, {"loss": 1.0})
+    quiet.close()
+    assert capsys.readouterr().err == ""
