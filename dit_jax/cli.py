@@ -11,6 +11,7 @@ import sys
 _SUBCOMMAND_MODULES = (
     "dit_jax.demo",
     "dit_jax.train.cli",
+    "dit_jax.extract_latents",
     "dit_jax.convert.cli",
     "dit_jax.flops",
 )

@@ -25,6 +25,7 @@ from dit_jax.convert.diffusers_dit import (
     load_diffusers_dit_folder,
     read_diffusers_folder,
 )
+from dit_jax.convert.diffusers_vae import load_diffusers_vae, load_diffusers_vae_folder
 from dit_jax.convert.official_dit import infer_official_arch, load_official_dit
 from dit_jax.convert.pt_reader import read_pt, read_state_dict, read_train_args
 
@@ -40,6 +41,8 @@ __all__ = [
     "load_converted",
     "load_diffusers_dit",
     "load_diffusers_dit_folder",
+    "load_diffusers_vae",
+    "load_diffusers_vae_folder",
     "load_official_dit",
     "model_to_numpy",
     "read_diffusers_folder",
