@@ -458,3 +458,19 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         else:
             out[name] = mm[begin:end].view(dtype).reshape(shape)
     return out
+
+
+CONFIG_NAME = "config.json"
+
+
+def resolve_model_folder(path: str | os.PathLike, subfolder: str, what: str) -> "os.PathLike":
+    """The folder holding a diffusers model's config.json: `path` itself, or a pipeline's `subfolder`/ folder
+    (transformer/ for a DiT, vae/ for the VAE). `what` names the model in the error."""
+    from pathlib import Path
+
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file():
+        return p
+    if (p / subfolder / CONFIG_NAME).is_file():
+        return p / subfolder
+    raise CheckpointReadError(f"{p}: not a diffusers {what} folder (no {CONFIG_NAME}, nor {subfolder}/{CONFIG_NAME})")

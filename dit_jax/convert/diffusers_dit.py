@@ -44,6 +44,8 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.convert.common import (
+    CONFIG_NAME,
+    resolve_model_folder,
     Arch,
     CheckpointReadError,
     arch_hint,
@@ -63,7 +65,6 @@ log = logging.getLogger("dit_jax.convert")
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-CONFIG_NAME = "config.json"
 SUPPORTED_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 
 # The per-block copies of the shared embedders: (suffix under transformer_blocks.{i}.norm1.emb, our name, kind).
@@ -299,12 +300,7 @@ def dit_from_diffusers_config(
 # ----------------------------------------------------------------------------------------------------------
 def resolve_diffusers_folder(path: str | os.PathLike) -> Path:
     """The folder holding the transformer's config.json: `path` itself, or a pipeline's transformer/ folder."""
-    p = Path(path)
-    if (p / CONFIG_NAME).is_file():
-        return p
-    if (p / "transformer" / CONFIG_NAME).is_file():
-        return p / "transformer"
-    raise CheckpointReadError(f"{p}: not a diffusers model folder (no {CONFIG_NAME}, nor transformer/{CONFIG_NAME})")
+    return Path(resolve_model_folder(path, "transformer", "model"))
 
 
 def read_diffusers_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -30,6 +30,8 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.convert.common import (
+    CONFIG_NAME,
+    resolve_model_folder,
     CheckpointReadError,
     _place,
     check_keys,
@@ -44,7 +46,6 @@ log = logging.getLogger("dit_jax.convert")
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-CONFIG_NAME = "config.json"
 SUPPORTED_CLASSES = ("AutoencoderKL",)
 
 # legacy attention name -> current name (diffusers modeling_utils._fix_state_dict_keys_on_load).
@@ -245,12 +246,7 @@ def vae_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any
 
 def resolve_vae_folder(path: str | os.PathLike) -> Path:
     """The folder holding the VAE's config.json: `path` itself, or a pipeline's vae/ folder."""
-    p = Path(path)
-    if (p / CONFIG_NAME).is_file():
-        return p
-    if (p / "vae" / CONFIG_NAME).is_file():
-        return p / "vae"
-    raise CheckpointReadError(f"{p}: not a diffusers VAE folder (no {CONFIG_NAME}, nor vae/{CONFIG_NAME})")
+    return Path(resolve_model_folder(path, "vae", "VAE"))
 
 
 def read_diffusers_vae_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
