@@ -211,3 +211,28 @@ def test_sigterm_saves_current_step_and_resume_continues(tmp_path):
     r = subprocess.run(_train_cmd(tmp_path, saved + 2, 100_000), env=env, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from step {saved}" in r.stdout and f"done at step {saved + 2}" in r.stdout
+
+
+def test_periodic_ema_sample_grids_and_logs(tmp_path):
+    from dit_jax.train.config_io import load_config
+    from dit_jax.train.loop import train
+    from dit_jax.train.metrics import read_jsonl
+
+    cfg = load_config(str(REPO / "configs" / "digits.py"), [
+        "train.steps=4", "train.sample_every=2", "train.sample_steps=3", "train.sample_per_class=2",
+        "train.sample_num_classes=3", "train.log_every=2", "train.global_batch=8", "train.ckpt_every=100",
+        "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+    ])
+    out = train(cfg, tmp_path)
+    grids = sorted((tmp_path / "samples").glob("ema_samples_*.png"))
+    assert [g.name for g in grids] == ["ema_samples_0000002.png"]  # every 2 steps, not at the final step
+    from PIL import Image
+
+    img = np.asarray(Image.open(grids[0]))
+    assert img.shape[:2] == (3 * 18 + 2, 2 * 18 + 2)  # 3 rows (classes) x 2 samples, 16 px tiles, 2 px padding
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4]
+    for k in ("loss", "mse", "vb", "grad_norm", "images_per_s", "steps_per_s", "tflops_per_device"):
+        assert np.isfinite(rows[-1][k])
+    assert (tmp_path / "loss.png").exists() and list((tmp_path / "tb").iterdir())
+    assert out["status"] == "done" and out["step"] == 4
