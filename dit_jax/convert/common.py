@@ -474,3 +474,14 @@ def resolve_model_folder(path: str | os.PathLike, subfolder: str, what: str) -> 
     if (p / subfolder / CONFIG_NAME).is_file():
         return p / subfolder
     raise CheckpointReadError(f"{p}: not a diffusers {what} folder (no {CONFIG_NAME}, nor {subfolder}/{CONFIG_NAME})")
+
+
+def read_safetensors_files(files: Iterable[Any]) -> dict[str, np.ndarray]:
+    """Merge the tensors of one or several safetensors shards (numpy only); a key in two shards is an error."""
+    state: dict[str, np.ndarray] = {}
+    for f in files:
+        for k, v in read_safetensors(f).items():
+            if k in state:
+                raise CheckpointReadError(f"{f}: key {k!r} appears in more than one shard")
+            state[k] = v
+    return state

@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.convert.common import (
+    read_safetensors_files,
     CONFIG_NAME,
     resolve_model_folder,
     Arch,
@@ -339,12 +340,7 @@ def read_diffusers_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict
     folder = resolve_diffusers_folder(path)
     config = read_diffusers_config(folder)
     files = weight_files(folder)
-    state: dict[str, np.ndarray] = {}
-    for f in files:
-        for k, v in read_safetensors(f).items():
-            if k in state:
-                raise CheckpointReadError(f"{f}: key {k!r} appears in more than one shard")
-            state[k] = v
+    state = read_safetensors_files(files)
     return config, state, files
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.convert.common import (
+    read_safetensors_files,
     CONFIG_NAME,
     resolve_model_folder,
     CheckpointReadError,
@@ -270,12 +271,7 @@ def read_diffusers_vae_folder(path: str | os.PathLike) -> tuple[dict[str, Any], 
             f"{folder}: no {WEIGHTS_NAME} (found {found}); .bin weights would need torch: re-save the VAE with "
             "save_pretrained(safe_serialization=True)"
         )
-    state: dict[str, np.ndarray] = {}
-    for f in files:
-        for k, v in read_safetensors(f).items():
-            if k in state:
-                raise CheckpointReadError(f"{f}: key {k!r} appears in more than one shard")
-            state[k] = v
+    state = read_safetensors_files(files)
     return config, state
 
 

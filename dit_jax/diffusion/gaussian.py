@@ -110,9 +110,15 @@ def get_beta_schedule(
     elif beta_schedule == "jsd":  # 1/T, 1/(T-1), ..., 1
         betas = 1.0 / np.linspace(n, 1, n, dtype=np.float64)
     else:
-        raise NotImplementedError(beta_schedule)
+        raise UnknownScheduleError(
+            f"unknown beta schedule {beta_schedule!r}; known: quad, linear, warmup10, warmup50, const, jsd"
+        )
     assert betas.shape == (n,)
     return betas
+
+
+class UnknownScheduleError(ValueError, NotImplementedError):
+    """An unknown schedule name (NotImplementedError as the official code raises, and a ValueError)."""
 
 
 def betas_for_alpha_bar(
@@ -135,7 +141,7 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
         return betas_for_alpha_bar(
             num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         )
-    raise NotImplementedError(f"unknown beta schedule: {schedule_name}")
+    raise UnknownScheduleError(f"unknown beta schedule {schedule_name!r}; known: linear, squaredcos_cap_v2")
 
 
 # ----------------------------------------------------------------------------------------------------
