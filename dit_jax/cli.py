@@ -13,6 +13,7 @@ _SUBCOMMAND_MODULES = (
     "dit_jax.train.cli",
     "dit_jax.extract_latents",
     "dit_jax.convert.cli",
+    "dit_jax.sample_cli",
     "dit_jax.flops",
 )
 

@@ -1,6 +1,7 @@
 """Weight converters into dit_jax models.
 
     load_official_dit(model, state_dict)        facebookresearch/DiT key layout (releases, train.py checkpoints)
+    to_official_state_dict(model)               the inverse: our weights in the official layout
     load_diffusers_dit(model, state_dict)       diffusers DiTTransformer2DModel key layout
     load_diffusers_dit_folder(model, path)      a diffusers folder (config.json + safetensors), numpy only
     dit_from_diffusers_config(config)           the DiT a diffusers config.json describes
@@ -26,7 +27,7 @@ from dit_jax.convert.diffusers_dit import (
     read_diffusers_folder,
 )
 from dit_jax.convert.diffusers_vae import load_diffusers_vae, load_diffusers_vae_folder
-from dit_jax.convert.official_dit import infer_official_arch, load_official_dit
+from dit_jax.convert.official_dit import infer_official_arch, load_official_dit, to_official_state_dict
 from dit_jax.convert.pt_reader import read_pt, read_state_dict, read_train_args
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "read_safetensors",
     "read_state_dict",
     "read_train_args",
+    "to_official_state_dict",
     "unwrap_checkpoint",
 ]
 

@@ -29,6 +29,7 @@ from dit_jax.convert.common import (
     block_indices,
     check_keys,
     check_model_supported,
+    model_to_numpy,
     to_numpy,
     unstacked_shapes,
     unwrap_checkpoint,
@@ -47,6 +48,15 @@ def to_ours(kind: str, x: np.ndarray) -> np.ndarray:
         return x.T
     if kind == "conv":
         return x.transpose(2, 3, 1, 0)
+    return x
+
+
+def to_source(kind: str, x: np.ndarray) -> np.ndarray:
+    """The inverse of `to_ours`."""
+    if kind == "linear":
+        return x.T
+    if kind == "conv":
+        return x.transpose(3, 2, 0, 1)
     return x
 
 
@@ -150,3 +160,14 @@ def load_official_dit(model: DiT, state_dict: Mapping[str, Any], *, which: str =
         log.info("no pos_embed in the checkpoint: keeping the exact sin-cos table")
     assign(model, values)
     return model
+
+
+def to_official_state_dict(model: DiT) -> dict[str, np.ndarray]:
+    """The model's weights in the official key layout (the inverse of load_official_dit), pos_embed included:
+    what the official models.py `DiT.load_state_dict` takes (after torch.from_numpy)."""
+    check_model_supported(model)
+    values = model_to_numpy(model)
+    out = {src: np.ascontiguousarray(to_source(kind, values[ours])) for src, ours, kind in
+           official_key_table(model.depth)}
+    out["pos_embed"] = np.asarray(values["pos_embed"], np.float32).reshape(1, -1, model.hidden_size)
+    return out

@@ -21,6 +21,11 @@ improved-diffusion and guided-diffusion), behaviour for behaviour:
   The per-step noise is thus the same whether or not `noise` is given. As officially, no noise is
   added at the last step (t == 0).
 
+  `key` may instead be a batch of keys, one per example (shape (B,) for typed keys, (B, 2) for raw
+  uint32 keys). Each example then draws its noise from its own key exactly as above with `shape[1:]`,
+  i.e. as if it were sampled alone in a batch of one: its sample depends only on its key, label and
+  x_T, never on the batch size or the number of devices (dit_jax.sample relies on this).
+
 Two quirks of the DiT release are kept (they matter only for non-default settings):
 - `ModelVarType.LEARNED` is treated exactly like `LEARNED_RANGE` (the model's v interpolates between
   the clipped posterior log-variance and log beta); improved-diffusion used v as the log-variance.
@@ -160,6 +165,13 @@ def _split_output(model_output: Any) -> tuple[jax.Array, Any]:
     if isinstance(model_output, tuple):
         return model_output[0], model_output[1]
     return model_output, None
+
+
+def _is_key_batch(key: Any) -> bool:
+    """True for a batch of keys, one per example: typed keys of shape (B,), raw uint32 keys of shape (B, 2)."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.ndim == 1
+    return key.ndim == 2
 
 
 def _tqdm(iterable: Sequence[int], enabled: bool) -> Iterable[int]:
@@ -489,9 +501,25 @@ class GaussianDiffusion:
                 what = "the initial noise and the per-step noise" if noise is None else "the per-step noise"
                 raise ValueError(f"{name} needs key= (a jax.random key) for {what}")
             return self._as_carry(noise), None
+        if _is_key_batch(key):
+            if key.shape[0] != shape[0]:
+                raise ValueError(f"{name}: {key.shape[0]} per-example keys for a batch of {shape[0]}")
+            pairs = jax.vmap(jax.random.split)(key)  # (B, 2[, 2])
+            init_keys, loop_keys = pairs[:, 0], pairs[:, 1]
+            if noise is not None:
+                x = self._as_carry(noise)
+            else:
+                x = jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(init_keys)
+            step_keys = jax.vmap(lambda k: jax.random.split(k, self.num_timesteps))(loop_keys)
+            return x, jnp.swapaxes(step_keys, 0, 1)  # (num_timesteps, B[, 2])
         init_key, loop_key = jax.random.split(key)
         x = self._as_carry(noise) if noise is not None else jax.random.normal(init_key, tuple(shape), jnp.float32)
         return x, jax.random.split(loop_key, self.num_timesteps)
+
+    def loop_noise(self, shape: Sequence[int], key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(x_T, step_keys) that p_sample_loop / ddim_sample_loop would draw from `key` (one key, or one per
+        example) for `shape`; step n's noise comes from step_keys[n] (see the module docstring)."""
+        return self._loop_start(shape, None, key, True, "loop_noise")
 
     @staticmethod
     def _as_carry(noise: jax.Array) -> jax.Array:
@@ -507,6 +535,8 @@ class GaussianDiffusion:
             t = jnp.full((shape[0],), i, jnp.int32)
             if step_key is None:  # only when no step needs noise (see _loop_start)
                 noise = jnp.zeros(tuple(shape), jnp.float32)
+            elif _is_key_batch(step_key):  # one key per example
+                noise = jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(step_key)
             else:
                 noise = jax.random.normal(step_key, tuple(shape), jnp.float32)
             return sampler(model, x, t, model_kwargs=model_kwargs, noise=noise, **kwargs)
