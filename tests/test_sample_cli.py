@@ -120,3 +120,35 @@ def test_sample_fid_cli_writes_the_adm_npz_and_resumes(run_dir, tmp_path, capsys
 def test_sample_cli_missing_checkpoint(tmp_path, capsys):
     assert main(["sample", "--ckpt", str(tmp_path / "nope.pt"), "--offline", "--no-progress"]) == 1
     assert "nope.pt" in capsys.readouterr().err
+
+
+def test_sample_and_sample_fid_on_a_latent_checkpoint_with_a_vae(tmp_path, capsys):
+    """A latent DiT (width 384: the head count follows from a paper width) given as an official .pt (converted
+    into the cache on first use), decoded by a VAE folder:
+    RGB uint8 images, a grid, and the ADM .npz; the second run converts nothing."""
+    import torch
+
+    from dit_jax.convert import to_official_state_dict
+    from dit_jax.models import DiT
+    from test_weights import tiny_vae_folder
+
+    model = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=384, depth=1, num_heads=6, num_classes=10,
+                rngs=nnx.Rngs(0))
+    pt = tmp_path / "tiny.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in to_official_state_dict(model).items()}, pt)
+    vae = tiny_vae_folder(tmp_path / "vae")  # 2 blocks: 2x upsampling, 4x4 latents -> 8x8 images
+    common = ["--ckpt", str(pt), "--vae", str(vae), "--cache-dir", str(tmp_path / "cache"), "--steps", "2",
+              "--no-progress"]
+    assert main(["sample", *common, "--labels", "1,2,3", "--out", str(tmp_path / "g.png"),
+                 "--npz", str(tmp_path / "g.npz")]) == 0
+    with np.load(tmp_path / "g.npz") as f:
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (3, 8, 8, 3)
+    converted = [d for d in (tmp_path / "cache" / "converted").iterdir() if not d.name.startswith(".")]
+    assert len(converted) == 1 and (converted[0] / "dit_config.json").is_file()
+    capsys.readouterr()
+    assert main(["sample-fid", *common, "--num-samples", "10", "--sample-dir", str(tmp_path / "fid")]) == 0
+    npz = next((tmp_path / "fid").glob("*.npz"))
+    assert npz.name == "tiny-size-32-vae-vae-cfg-1.5-seed-0.npz"
+    with np.load(npz) as f:
+        assert list(f.keys()) == ["arr_0"] and f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (10, 8, 8, 3)
+    assert "convert" not in capsys.readouterr().err.lower()
