@@ -167,7 +167,7 @@ def to_official_state_dict(model: DiT) -> dict[str, np.ndarray]:
     what the official models.py `DiT.load_state_dict` takes (after torch.from_numpy)."""
     check_model_supported(model)
     values = model_to_numpy(model)
-    out = {src: np.ascontiguousarray(to_source(kind, values[ours])) for src, ours, kind in
-           official_key_table(model.depth)}
+    out = {src: to_source(kind, values[ours]) for src, ours, kind in official_key_table(model.depth)}
     out["pos_embed"] = np.asarray(values["pos_embed"], np.float32).reshape(1, -1, model.hidden_size)
-    return out
+    # C-contiguous and writable (torch.from_numpy wants both); copies only where needed
+    return {k: np.require(v, requirements=["C", "W"]) for k, v in out.items()}
