@@ -27,6 +27,7 @@ setup(
         "array-record>=0.8",
         "tensorboardX>=2.6",
         "scikit-learn>=1.5",
+        "scipy>=1.11",  # FID: scipy.linalg.sqrtm, as the ADM evaluator
     ],
     extras_require={
         # reading official .pt checkpoints; the CPU build (a newer torch pulls a CUDA build)

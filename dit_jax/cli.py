@@ -15,6 +15,7 @@ _SUBCOMMAND_MODULES = (
     "dit_jax.convert.cli",
     "dit_jax.sample_cli",
     "dit_jax.weights",
+    "dit_jax.evaluate.cli",
     "dit_jax.flops",
 )
 

@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dit_jax.evaluate.npz import write_npz_stream
 from dit_jax.sample import Sampler, SampleSettings, data_mesh, example_keys
 
 MANIFEST = "manifest.json"
@@ -102,35 +103,6 @@ def check_manifest(folder: Path, manifest: dict[str, Any], overwrite: bool) -> d
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, file)
     return manifest
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The ADM .npz, streamed.
-# ----------------------------------------------------------------------------------------------------------
-def write_npz_stream(path: str | os.PathLike, chunks: Iterable[np.ndarray], shape: tuple[int, ...]) -> Path:
-    """Write `arr_0` (uint8, `shape`) from consecutive chunks into an uncompressed .npz, as np.savez lays it out,
-    without holding the whole array (50k x 256 x 256 x 3 is 9.8 GB). Atomic: temp file, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
-    written = 0
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(f, header)
-                for chunk in chunks:
-                    chunk = np.ascontiguousarray(chunk, dtype=np.uint8)
-                    if chunk.shape[1:] != tuple(shape[1:]):
-                        raise ValueError(f"chunk of shape {chunk.shape} does not fit {shape}")
-                    f.write(chunk.tobytes())
-                    written += len(chunk)
-        if written != shape[0]:
-            raise ValueError(f"wrote {written} images, expected {shape[0]}")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,13 +21,13 @@ from dit_jax.convert import load_official_dit  # noqa: E402
 from dit_jax.diffusion import create_diffusion, space_timesteps  # noqa: E402
 from dit_jax.models import DiT  # noqa: E402
 from dit_jax.sample import Sampler, SampleSettings, data_mesh, example_keys, guided_model_fn, sample_latents  # noqa: E402
+from dit_jax.evaluate.npz import write_npz_stream  # noqa: E402
 from dit_jax.sample_fid import (  # noqa: E402
     fid_labels,
     read_shard,
     sample_fid,
     shard_path,
     shard_ranges,
-    write_npz_stream,
 )
 
 REPO = Path(__file__).resolve().parents[1]

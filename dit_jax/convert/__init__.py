@@ -29,6 +29,7 @@ from dit_jax.convert.diffusers_dit import (
 from dit_jax.convert.diffusers_vae import load_diffusers_vae, load_diffusers_vae_folder
 from dit_jax.convert.official_dit import infer_official_arch, load_official_dit, to_official_state_dict
 from dit_jax.convert.pt_reader import read_pt, read_state_dict, read_train_args
+from dit_jax.convert.inception import load_inception, load_inception_file  # noqa: F401  (FID Inception-v3)
 
 __all__ = [
     "Arch",

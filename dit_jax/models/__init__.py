@@ -1,7 +1,8 @@
-"""Flax NNX models: DiT (and, later, DDT, the SD VAE and Inception)."""
+"""Flax NNX models: DiT, the SD VAE (AutoencoderKL) and the FID Inception-v3 (DDT arrives with its issue)."""
 
 from dit_jax.models.dit import BLOCK_TYPES, DiT, DiT_models, DiTBlock, FinalLayer, decode_variant
 from dit_jax.models.vae import SD_VAE_SCALE, AutoencoderKL
+from dit_jax.models.inception import InceptionV3  # the FID Inception-v3 (dit_jax.evaluate)
 
 __all__ = ["BLOCK_TYPES", "DiT", "DiT_models", "DiTBlock", "FinalLayer", "decode_variant", "AutoencoderKL",
-           "SD_VAE_SCALE"]
+           "SD_VAE_SCALE", "InceptionV3"]

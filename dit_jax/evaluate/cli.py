@@ -1,0 +1,107 @@
+"""`dit-jax evaluate`: Inception Score, FID, sFID, precision and recall of a sample batch against a reference
+batch, as the ADM evaluation suite (guided-diffusion evaluations/evaluator.py) computes them.
+
+    dit-jax evaluate samples.npz VIRTUAL_imagenet256_labeled.npz \\
+        --inception-weights pt_inception-2015-12-05-6726825d.pth [--batch-size 256] [--json metrics.json]
+
+Both files are ADM .npz files: arr_0 uint8 (N, H, W, 3); the reference may also hold mu/sigma/mu_s/sigma_s,
+which are then used for FID and sFID (ADM does the same). Note the order: samples first, then the reference
+(ADM's own script takes the reference first). The weights are pytorch-fid's FID Inception file from
+https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+(or $DIT_JAX_INCEPTION_WEIGHTS). The five numbers go to stdout in ADM's order and names; progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BATCH_SIZE = 256  # = dit_jax.evaluate.evaluator.DEFAULT_BATCH_SIZE; heavy imports wait for run()
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate", help="Inception Score, FID, sFID, precision, recall of a sample .npz (ADM evaluation suite)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("samples", help="sample batch .npz (arr_0 uint8 (N, H, W, 3))")
+    p.add_argument("reference", help="reference batch .npz (arr_0, optionally mu, sigma, mu_s, sigma_s)")
+    p.add_argument("--inception-weights", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (default: $DIT_JAX_INCEPTION_WEIGHTS)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"images per Inception call over all local devices (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--pr-distance-dtype", choices=("float16", "float32"), default="float16",
+                   help="precision/recall distances: float16 with a float32 fallback, as ADM (default), or float32")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def _error(e: BaseException | str) -> int:
+    print(f"dit-jax evaluate: error: {e}", file=sys.stderr)
+    return 1
+
+
+def resolve_weights(path: str | None) -> Path:
+    """--inception-weights, else $DIT_JAX_INCEPTION_WEIGHTS; FileNotFoundError saying where to get the file."""
+    from dit_jax.convert.inception import WEIGHTS_ENV, WEIGHTS_HINT
+
+    given = path or os.environ.get(WEIGHTS_ENV)
+    if not given:
+        raise FileNotFoundError(f"no Inception weights given: {WEIGHTS_HINT}")
+    p = Path(given).expanduser()
+    if not p.is_file():
+        source = "--inception-weights" if path else f"${WEIGHTS_ENV}"
+        raise FileNotFoundError(f"{p} ({source}): no such file; {WEIGHTS_HINT}")
+    return p
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dit_jax.evaluate import npz
+    from dit_jax.evaluate.evaluator import Evaluator, evaluate_npz, iter_metric_lines
+    from dit_jax.evaluate.precision_recall import ManifoldEstimator
+
+    t0 = time.perf_counter()
+    try:
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        # Everything that can be checked cheaply is checked before the long passes over the images.
+        shapes = {role: npz.read_images_header(path) for role, path in (("samples", args.samples),
+                                                                       ("reference", args.reference))}
+        for role, path in (("samples", args.samples), ("reference", args.reference)):
+            npz.read_reference_statistics(path)  # well-formed when present
+            if shapes[role][0] <= 3:
+                raise ValueError(f"{path}: {shapes[role][0]} images; precision and recall (k = 3) need at least 4")
+        weights = resolve_weights(args.inception_weights)
+
+        def say(msg: str) -> None:
+            print(msg, file=sys.stderr, flush=True)
+
+        say(f"loading Inception weights from {weights}")
+        evaluator = Evaluator.from_file(str(weights), batch_size=args.batch_size, progress=args.progress,
+                                        estimator=ManifoldEstimator(distance_dtype=args.pr_distance_dtype))
+        metrics = evaluate_npz(args.samples, args.reference, evaluator, log=say)
+    except (ValueError, OSError, ImportError) as e:  # NpzFormatError, CheckpointReadError/MismatchError: ValueError
+        return _error(e)
+    for line in iter_metric_lines(metrics):
+        print(line, flush=True)
+    if args.json:
+        payload = dict(metrics, samples=str(args.samples), reference=str(args.reference),
+                       num_samples=int(shapes["samples"][0]), num_reference=int(shapes["reference"][0]),
+                       inception_weights=str(weights), seconds=round(time.perf_counter() - t0, 1))
+        _write_json(args.json, payload)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
