@@ -485,3 +485,46 @@ def read_safetensors_files(files: Iterable[Any]) -> dict[str, np.ndarray]:
                 raise CheckpointReadError(f"{f}: key {k!r} appears in more than one shard")
             state[k] = v
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Torch-named checkpoints whose keys map one to one onto our variables (the VAE, the Inception network).
+# ----------------------------------------------------------------------------------------------------------
+def torch_layout_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Our shape -> torch's: a "kernel" of a conv (kh, kw, I, O) is (O, I, kh, kw) there, a Linear's (I, O) is
+    (O, I); anything else is stored alike."""
+    if kind == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if kind == "kernel" and len(shape) == 2:
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def from_torch_layout(kind: str, value: np.ndarray) -> np.ndarray:
+    """The inverse of torch_layout_shape, applied to a value."""
+    if kind == "kernel" and value.ndim == 4:
+        return np.transpose(value, (2, 3, 1, 0))
+    if kind == "kernel" and value.ndim == 2:
+        return value.T
+    return value
+
+
+def torch_named_shapes(model: nnx.Module, source_name: Callable[[str], tuple[str, str]]) -> dict[str, Shape]:
+    """source key -> torch shape for every variable of `model`; source_name(our name) -> (key, kind)."""
+    out = {}
+    for ours, var in model_variables(model).items():
+        key, kind = source_name(ours)
+        out[key] = torch_layout_shape(kind, tuple(var.get_value().shape))
+    return out
+
+
+def assign_torch_named(model: nnx.Module, sd: Mapping[str, Any], source_name: Callable[[str], tuple[str, str]]) -> None:
+    """Fill every variable of `model` from the (already checked) torch-named `sd`; all values are converted and
+    placed before the first one is set, so a failure leaves the model untouched."""
+    variables = model_variables(model)
+    placed = {}
+    for ours, var in variables.items():
+        key, kind = source_name(ours)
+        placed[ours] = _place(from_torch_layout(kind, to_numpy(sd[key])), var.get_value())
+    for ours, value in placed.items():
+        variables[ours].set_value(value)

@@ -34,11 +34,10 @@ from dit_jax.convert.common import (
     CONFIG_NAME,
     resolve_model_folder,
     CheckpointReadError,
-    _place,
+    assign_torch_named,
     check_keys,
-    model_variables,
-    read_safetensors,
     to_numpy,
+    torch_named_shapes,
     unwrap_checkpoint,
 )
 from dit_jax.models.vae import DOWN_BLOCK_TYPE, SD_VAE_SCALE, UP_BLOCK_TYPE, AutoencoderKL
@@ -70,29 +69,9 @@ def _source_name(ours: str) -> tuple[str, str]:
     raise RuntimeError(f"internal converter error: unexpected variable {ours!r} in the VAE")
 
 
-def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if kind == "kernel" and len(shape) == 4:  # (kh, kw, I, O) -> (O, I, kh, kw)
-        return (shape[3], shape[2], shape[0], shape[1])
-    if kind == "kernel" and len(shape) == 2:  # (I, O) -> (O, I)
-        return (shape[1], shape[0])
-    return tuple(shape)
-
-
-def _to_ours(value: np.ndarray) -> np.ndarray:
-    if value.ndim == 4:
-        return np.transpose(value, (2, 3, 1, 0))
-    if value.ndim == 2:
-        return value.T
-    return value
-
-
 def expected_diffusers_keys(model: AutoencoderKL) -> dict[str, tuple[int, ...]]:
     """diffusers key -> torch shape for every parameter of `model` (current attention names)."""
-    out = {}
-    for ours, var in model_variables(model).items():
-        key, kind = _source_name(ours)
-        out[key] = _torch_shape(kind, tuple(var.get_value().shape))
-    return out
+    return torch_named_shapes(model, _source_name)
 
 
 def normalize_vae_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,13 +161,7 @@ def load_diffusers_vae(model: AutoencoderKL, state_dict: Mapping[str, Any]) -> A
     sd = normalize_vae_state_dict(state_dict)
     required = expected_diffusers_keys(model)
     check_keys(sd, required, hint=lambda: _hint(sd, model), what="diffusers AutoencoderKL checkpoint")
-    variables = model_variables(model)
-    placed = {}
-    for ours, var in variables.items():
-        key, _ = _source_name(ours)
-        placed[ours] = _place(_to_ours(to_numpy(sd[key])), var.get_value())
-    for ours, value in placed.items():
-        variables[ours].set_value(value)
+    assign_torch_named(model, sd, _source_name)
     return model
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from dit_jax.convert.common import _place, check_keys, model_variables, to_numpy, unwrap_checkpoint
+from dit_jax.convert.common import assign_torch_named, check_keys, torch_named_shapes, unwrap_checkpoint
 from dit_jax.models.inception import InceptionV3
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -64,29 +64,9 @@ def _source_name(ours: str) -> tuple[str, str]:
     return f"{stem}.{name}", kind
 
 
-def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if kind == "kernel" and len(shape) == 4:  # (kh, kw, I, O) -> (O, I, kh, kw)
-        return (shape[3], shape[2], shape[0], shape[1])
-    if kind == "kernel" and len(shape) == 2:  # (I, O) -> (O, I)
-        return (shape[1], shape[0])
-    return tuple(shape)
-
-
-def _to_ours(kind: str, value: np.ndarray) -> np.ndarray:
-    if kind == "kernel" and value.ndim == 4:
-        return np.transpose(value, (2, 3, 1, 0))
-    if kind == "kernel" and value.ndim == 2:
-        return value.T
-    return value
-
-
 def expected_inception_keys(model: InceptionV3) -> dict[str, tuple[int, ...]]:
     """pytorch-fid key -> torch shape for every variable (parameters and batch-norm statistics) of `model`."""
-    out = {}
-    for ours, var in model_variables(model).items():
-        key, kind = _source_name(ours)
-        out[key] = _torch_shape(kind, tuple(var.get_value().shape))
-    return out
+    return torch_named_shapes(model, _source_name)
 
 
 def _hint(sd: Mapping[str, Any]) -> str:
@@ -115,13 +95,7 @@ def load_inception(model: InceptionV3, state_dict: Mapping[str, Any]) -> Incepti
     optional = {k: tuple(sd[k].shape) for k in sd if k.endswith(".bn.num_batches_tracked")
                 and k[: -len("num_batches_tracked")] + "running_mean" in required}
     check_keys(sd, required, optional, hint=lambda: _hint(sd), what="FID Inception-v3 weight file")
-    variables = model_variables(model)
-    placed = {}
-    for ours, var in variables.items():
-        key, kind = _source_name(ours)
-        placed[ours] = _place(_to_ours(kind, to_numpy(sd[key])), var.get_value())
-    for ours, value in placed.items():
-        variables[ours].set_value(value)
+    assign_torch_named(model, sd, _source_name)
     return model
 
 
