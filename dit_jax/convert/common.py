@@ -10,7 +10,6 @@ before the whole checkpoint has been validated.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -387,12 +386,11 @@ def assign(model: DiT, values: Mapping[str, np.ndarray]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Files.
 # ----------------------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (the weights cache's own hasher: one implementation for both)."""
+    from dit_jax.weights.transfer import sha256_of  # stdlib-only module
+
+    return sha256_of(path)
 
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, "Format") -> numpy dtypes.

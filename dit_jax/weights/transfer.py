@@ -71,8 +71,7 @@ class _Transient(Exception):
 # Small helpers.
 # ----------------------------------------------------------------------------------------------------------
 def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file. (dit_jax.convert.common.sha256_file does the same but importing it pulls in jax,
-    which downloading does not need.)"""
+    """Hex sha256 of a file (also behind dit_jax.convert.common.sha256_file; this module stays free of jax)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
