@@ -16,6 +16,7 @@ _SUBCOMMAND_MODULES = (
     "dit_jax.sample_cli",
     "dit_jax.weights",
     "dit_jax.evaluate.cli",
+    "dit_jax.bench_cli",
     "dit_jax.flops",
 )
 

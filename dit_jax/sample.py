@@ -31,6 +31,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dit_jax.diffusion import create_diffusion
 from dit_jax.diffusion.gaussian import GaussianDiffusion
 from dit_jax.models import DiT
+from dit_jax.models.splash import uses_splash
+from dit_jax.train.sharding import mesh_context
 
 SAMPLERS = ("ddpm", "ddim")
 # The official sample.py's eight classes (ImageNet: 207 golden retriever, 360 otter, 387 lesser panda,
@@ -126,6 +128,7 @@ class Sampler:
         model = nnx.merge(graphdef, state)
         self.shape_tail = (model.input_size, model.input_size, model.in_channels)
         self.num_classes = model.num_classes
+        self._attn_impl = "splash" if uses_splash(model) else "xla"  # splash traces under the sampler's mesh
         if settings.cfg_scale != 1.0:  # validate cfg_channels now, not inside the trace
             guided_model_fn(model, settings.cfg_scale, settings.cfg_channels)
         self._scan = jax.jit(
@@ -198,10 +201,8 @@ class Sampler:
             keys = jnp.concatenate([keys, jnp.repeat(keys[:1], pad, axis=0)])
         labels = jax.device_put(labels.astype(np.int32), self.batch_sharding)
         keys = jax.device_put(keys, self.batch_sharding)
-        if not progress:
-            out = self._scan(self.state, labels, keys)
-        else:
-            out = self._progressive(labels, keys)
+        with mesh_context(self.mesh, self._attn_impl):
+            out = self._progressive(labels, keys) if progress else self._scan(self.state, labels, keys)
         return out[:n]
 
     def _progressive(self, labels: jax.Array, keys: jax.Array) -> jax.Array:

@@ -1,5 +1,6 @@
 """Trainer: one step on 8 devices == 1 device (with and without FSDP), exact resume after SIGKILL, NaN guard."""
 
+import json
 import os
 import signal
 import subprocess
@@ -130,6 +131,8 @@ def test_exact_resume_after_sigkill(tmp_path):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # the data iterator is at the same place: the next batch is identical
     assert a.data_state == b.data_state
+    saved = a.data_state if isinstance(a.data_state, dict) else json.loads(a.data_state)
+    assert saved["batches"] == 2 * n  # the consumed position: batches prefetched to the devices are not counted
     from dit_jax.data import make_train_iterator
     from dit_jax.train.config_io import config_from_dict
 

@@ -215,7 +215,7 @@ class LabelEmbedder(nnx.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Attention and MLP.
 # ----------------------------------------------------------------------------------------------------------
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
@@ -224,14 +224,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> ja
     q: (B, Tq, H, hd), k and v: (B, Tk, H, hd) -> (B, Tq, H, hd).
     impl "xla": plain einsums with the logits and softmax in float32 (default; runs anywhere).
     impl "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")` (NVIDIA GPU, bf16/fp16 only).
+    impl "splash": the TPU Pallas kernel under shard_map (dit_jax/models/splash.py; raises off a TPU), "xla" for
+    sequences it does not cover.
     """
     if impl == "xla":
+        # Heads moved next to the batch first, so both products are canonical batched matmuls (B, H, T, hd):
+        # the same dot products, but XLA:CPU runs the (b, h)-major layout ~2.5x faster than contracting across a
+        # token-major layout (bench: DiT-S/2, 64 x 256 tokens, 12 blocks: 3.6 s -> 1.3 s on 2 cores).
         scale = 1.0 / math.sqrt(q.shape[-1])
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+        logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) * scale
         probs = jax.nn.softmax(logits, axis=-1)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), vh).transpose(0, 2, 1, 3)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if impl == "splash":
+        from dit_jax.models.splash import splash_attention, splash_supported
+
+        if splash_supported(q.shape[1], k.shape[1]):
+            return splash_attention(q, k, v)
+        return attention(q, k, v, "xla")
     raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
 
 

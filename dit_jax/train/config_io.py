@@ -90,7 +90,7 @@ def base_config() -> ConfigDict:
     config.model.class_dropout_prob = 0.1
     config.model.block_type = "adaLN-Zero"  # adaLN-Zero | adaLN | cross-attn | in-context
     config.model.dtype = "float32"  # matmul compute dtype: float32 | bfloat16 (params stay float32)
-    config.model.attn_impl = "xla"  # xla | cudnn (NVIDIA GPUs, bf16)
+    config.model.attn_impl = "xla"  # xla | cudnn (NVIDIA GPUs, bf16) | splash (TPU Pallas, under shard_map)
     config.model.scan_blocks = False  # stacked blocks under lax.scan (compile time O(1) in depth)
     config.model.remat_policy = "none"  # none | full | dots | dots_no_batch
 
@@ -116,6 +116,7 @@ def base_config() -> ConfigDict:
     config.data.num_classes = 1000
     config.data.random_flip = True
     config.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
+    config.data.prefetch = 2  # batches transferred to the devices ahead of the step (0: none)
     config.data.latent_scale = 0.18215  # z = latent_scale * (mean + std * eps), drawn fresh every step
     config.data.vae = "stabilityai/sd-vae-ft-ema"
 

@@ -20,6 +20,7 @@ from flax import nnx
 
 from dit_jax import flops
 from dit_jax.data import make_train_iterator
+from dit_jax.data.prefetch import DevicePrefetch
 from dit_jax.diffusion import create_diffusion
 from dit_jax.images import make_grid, to_uint8
 from dit_jax.sample import sample_latents
@@ -27,7 +28,14 @@ from dit_jax.train import metrics as metrics_lib
 from dit_jax.train.checkpoint import Checkpointer
 from dit_jax.train.config_io import config_to_dict
 from dit_jax.train.optim import ema_params, make_optimizer
-from dit_jax.train.sharding import batch_sharding, make_mesh, param_shardings, replicated, shard_batch
+from dit_jax.train.sharding import (
+    batch_sharding,
+    make_mesh,
+    mesh_context,
+    param_shardings,
+    replicated,
+    shard_batch,
+)
 from dit_jax.train.state import abstract_state, init_state, model_kwargs
 from dit_jax.train.step import make_train_step
 
@@ -121,7 +129,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     # ================================================================ update step (AOT compiled)
     train_step = make_train_step(graphdef, diffusion, optimizer, latent_scale=latent_scale)
     b_shard = batch_sharding(mesh)
-    probe = next(data_iter)  # shapes of a batch; the iterator state is rewound below
+    probe = next(data_iter)  # shapes of a batch; it is also the first batch trained on
     abstract_batch = {
         k: jax.ShapeDtypeStruct((global_batch, *np.shape(v)[1:]), np.asarray(v).dtype, sharding=b_shard)
         for k, v in probe.items()
@@ -133,7 +141,8 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
         donate_argnums=(0,),
     )
     t0 = time.perf_counter()
-    compiled = jitted.lower(_with_shardings(abstract, shardings), abstract_batch).compile()
+    with mesh_context(mesh, config.model.attn_impl):  # splash attention's shard_map reads the ambient mesh
+        compiled = jitted.lower(_with_shardings(abstract, shardings), abstract_batch).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     mem_gb = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**30
@@ -146,11 +155,13 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     fault_step = int(os.environ.get(FAULT_ENV, "-1"))
 
     def save(step: int, force: bool = False) -> None:
-        ckpt.save(step, state, data_state=data_iter.get_state(), config=cfg_dict, force=force)
+        ckpt.save(step, state, data_state=feed.get_state(), config=cfg_dict, force=force)
 
     # ================================================================ train loop
-    # The probe batch is the first batch of this run: use it rather than dropping it.
-    pending = probe
+    # The probe batch is the first batch of this run: use it rather than dropping it. Later batches come from
+    # the device prefetcher, whose get_state() is the position after the last batch handed to the step.
+    feed = DevicePrefetch(data_iter, lambda local: shard_batch(local, mesh), depth=int(config.data.prefetch))
+    pending = shard_batch(probe, mesh)
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
     flops_per_step = train_flops_per_example(config) * global_batch
     total = config.train.steps
@@ -162,9 +173,8 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     step = start_step
     status = "done"
     while step < total:
-        local = pending if pending is not None else next(data_iter)
+        batch = pending if pending is not None else next(feed)
         pending = None
-        batch = shard_batch(local, mesh)
         with jax.transfer_guard("disallow"):
             state, m = compiled(state, batch)
         window.append(m)
@@ -187,7 +197,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
                 steps_per_s=steps_per_s,
                 images_per_s=steps_per_s * global_batch,
                 tflops_per_device=steps_per_s * flops_per_step / mesh.size / 1e12,
-                bad_records=float(data_iter.stats().get("bad_records", 0)),
+                bad_records=float(feed.stats().get("bad_records", 0)),
             )
             util = metrics_lib.mfu(flops_per_step, 1.0 / steps_per_s, mesh.size, peak)
             if util is not None:

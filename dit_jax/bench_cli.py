@@ -1,0 +1,124 @@
+"""`dit-jax bench train|sample`: our throughput and, with --torch, the PyTorch reference's right after it.
+
+    dit-jax bench train  --variant S/2 --batch 32 --dtype float32 --torch    # the CPU target of issue 5
+    dit-jax bench sample --variant XL/2 --batch 64 --dtype bfloat16 --torch --torch-device cuda
+
+Ours runs in this process (dit_jax.bench); the reference runs in a fresh Python process
+(bench/torch_reference.py: diffusers' DiTTransformer2DModel, the official hybrid loss in torch, AdamW, EMA) so
+the two never share threads or memory. The ratio printed is ours / reference in images per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+TORCH_REFERENCE = Path(__file__).resolve().parents[1] / "bench" / "torch_reference.py"
+
+
+def load_torch_reference() -> ModuleType:
+    """Import bench/torch_reference.py from the checkout (it is not part of the installed package)."""
+    if not TORCH_REFERENCE.is_file():
+        raise FileNotFoundError(
+            f"{TORCH_REFERENCE} not found: the side-by-side mode needs a source checkout (pip install -e .)"
+        )
+    spec = importlib.util.spec_from_file_location("dit_jax_bench_torch_reference", TORCH_REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_torch_reference(mode: str, args: argparse.Namespace, timeout: float | None = None) -> dict[str, Any]:
+    """Run the reference in a subprocess with the same configuration; returns its JSON result."""
+    if not TORCH_REFERENCE.is_file():
+        raise FileNotFoundError(
+            f"{TORCH_REFERENCE} not found: the side-by-side mode needs a source checkout (pip install -e .)"
+        )
+    cmd = [sys.executable, str(TORCH_REFERENCE), mode, "--variant", args.variant, "--batch", str(args.batch),
+           "--res", str(args.res), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--windows", str(args.windows), "--device", args.torch_device, "--amp", args.torch_amp,
+           "--cfg-scale", str(args.cfg_scale)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        hint = ""
+        if "No module named" in (proc.stderr or ""):
+            hint = "\n(the reference needs torch and diffusers: pip install -e '.[test]')"
+        raise RuntimeError("the PyTorch reference failed:\n" + "\n".join(tail) + hint)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def format_result(r: dict[str, Any]) -> str:
+    lines = [f"{r['impl']} {r['mode']} {r['variant']} batch {r['batch']} res {r['res']} {r['dtype']} "
+             f"on {r.get('device_kind') or r.get('device')}" + (f" x{r['devices']}" if r.get("devices") else "")]
+    keys = ("step_s", "steps_per_s", "images_per_s", "tflops_per_device", "mfu", "trace_lower_s", "compile_s",
+            "memory_estimate_gib", "peak_memory_gib")
+    lines.append("  " + "  ".join(f"{k}={_fmt(r[k])}" for k in keys if k in r))
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import jax
+
+    from dit_jax.bench import BenchSpec, run_bench
+
+    dtype = args.dtype
+    if dtype == "auto":  # fp32 on the CPU (and in the CPU targets), bf16 matmuls on accelerators
+        dtype = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+    spec = BenchSpec(variant=args.variant, batch=args.batch, res=args.res, dtype=dtype, scan_blocks=args.scan,
+                     remat_policy=args.remat, attn_impl=args.attn, steps=args.steps, warmup=args.warmup,
+                     windows=args.windows, devices=args.devices, cfg_scale=args.cfg_scale)
+    ours = run_bench(args.mode, spec)
+    print(format_result(ours), flush=True)
+    results = [ours]
+    if args.torch:
+        ref = run_torch_reference(args.mode, args)
+        print(format_result(ref), flush=True)
+        ratio = ours["images_per_s"] / ref["images_per_s"]
+        print(f"ratio (dit-jax / pytorch, images/s): {ratio:.2f}x", flush=True)
+        results.append(ref)
+        results.append(dict(mode=args.mode, ratio_images_per_s=ratio))
+    if args.json:
+        with open(args.json, "a", encoding="utf-8") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("bench", help="steady-state throughput (train step | guided sampling forward), vs PyTorch",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("train", "sample"))
+    p.add_argument("--variant", default="S/2", help="S|B|L|XL / 2|4|8 (default S/2)")
+    p.add_argument("--batch", type=int, default=32, help="global batch (images)")
+    p.add_argument("--res", type=int, default=256, help="image resolution in pixels (latents are res // 8)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="matmul compute dtype (auto: float32 on the CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="scan over blocks")
+    p.add_argument("--remat", default="none", help="remat policy (none, full, dots, dots_no_batch)")
+    p.add_argument("--attn", default="xla", help="attention implementation (xla, cudnn, splash)")
+    p.add_argument("--steps", type=int, default=20, help="timed calls (split into --windows windows)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
+    p.add_argument("--devices", type=int, default=0, help="devices to use (0: all)")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--torch", action="store_true", help="then run the PyTorch reference and print the ratio")
+    p.add_argument("--torch-device", default="cpu", help="device of the reference (cpu, cuda)")
+    p.add_argument("--torch-amp", choices=("none", "bf16"), default="none",
+                   help="reference precision: none = its default fp32 (TF32 matmuls on CUDA, as train.py)")
+    p.add_argument("--json", help="append the results as JSON lines to this file")
+    p.set_defaults(func=cmd_bench)
