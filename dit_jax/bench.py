@@ -121,15 +121,9 @@ def _report(spec: BenchSpec, mode: str, times: list[float], flops_per_call: floa
     peak = metrics_lib.peak_flops_per_device(devices[0])
     tflops = flops_per_call / step_s / n / 1e12
     return dict(
+        dataclasses.asdict(spec),  # the configuration, then the measurements (devices: the count used)
         impl="dit-jax",
         mode=mode,
-        variant=spec.variant,
-        batch=spec.batch,
-        res=spec.res,
-        dtype=spec.dtype,
-        scan_blocks=spec.scan_blocks,
-        remat_policy=spec.remat_policy,
-        attn_impl=spec.attn_impl,
         platform=devices[0].platform,
         device_kind=devices[0].device_kind,
         devices=n,
