@@ -7,6 +7,7 @@
     dit_from_diffusers_config(config)           the DiT a diffusers config.json describes
     read_state_dict(path) / read_pt(path)       .pt (weights_only, torch optional) or .safetensors -> numpy
     load_converted(path)                        the output of `dit-jax convert`
+    load_official_ddt(model, state_dict)        MCG-NJU/DDT checkpoints (Lightning, ema_denoiser.*) -> DDT
 """
 
 from dit_jax.convert.common import (
@@ -28,10 +29,12 @@ from dit_jax.convert.diffusers_dit import (
 )
 from dit_jax.convert.diffusers_vae import load_diffusers_vae, load_diffusers_vae_folder
 from dit_jax.convert.official_dit import infer_official_arch, load_official_dit, to_official_state_dict
+from dit_jax.convert.ddt import load_official_ddt
 from dit_jax.convert.pt_reader import read_pt, read_state_dict, read_train_args
 from dit_jax.convert.inception import load_inception, load_inception_file  # noqa: F401  (FID Inception-v3)
 
 __all__ = [
+    "load_official_ddt",
     "Arch",
     "CheckpointMismatchError",
     "CheckpointReadError",

@@ -150,6 +150,32 @@ def _concrete(x: jax.Array) -> np.ndarray | None:
         return None
 
 
+def check_inputs(model: nnx.Module, x: jax.Array, t: jax.Array, y: jax.Array) -> None:
+    """Shape, dtype and label-range checks shared by DiT and DDT (attributes input_size, in_channels,
+    num_classes, y_embedder), with messages that name the expected layout."""
+    if x.ndim != 4:
+        raise ValueError(f"x must be NHWC (B, H, W, C) with rank 4, got shape {tuple(x.shape)}")
+    b, h, w, ch = x.shape
+    if (h, w) != (model.input_size, model.input_size) or ch != model.in_channels:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} but this model takes (B, {model.input_size}, {model.input_size}, "
+            f"{model.in_channels}) (input_size={model.input_size}, in_channels={model.in_channels})"
+        )
+    if jnp.shape(t) != (b,):
+        raise ValueError(f"t must have shape ({b},) (one timestep per example), got {tuple(jnp.shape(t))}")
+    if jnp.shape(y) != (b,):
+        raise ValueError(f"y must have shape ({b},) (one label per example), got {tuple(jnp.shape(y))}")
+    if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
+        raise ValueError(f"y must hold integer class labels, got dtype {jnp.result_type(y)}")
+    labels = _concrete(y)
+    if labels is not None and labels.size:
+        n_rows = model.y_embedder.embedding_table.num_embeddings
+        if labels.min() < 0 or labels.max() >= n_rows:
+            bad = sorted(set(labels[(labels < 0) | (labels >= n_rows)].tolist()))
+            null = f" (index {model.num_classes} is the null class)" if n_rows > model.num_classes else ""
+            raise ValueError(f"labels out of range [0, {n_rows - 1}]{null}: {bad[:10]}")
+
+
 class DiT(nnx.Module):
     """Diffusion model with a Transformer backbone.
 
@@ -238,27 +264,7 @@ class DiT(nnx.Module):
 
     # ------------------------------------------------------------------------------------------------------
     def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"x must be NHWC (B, H, W, C) with rank 4, got shape {tuple(x.shape)}")
-        b, h, w, ch = x.shape
-        if (h, w) != (self.input_size, self.input_size) or ch != self.in_channels:
-            raise ValueError(
-                f"x has shape {tuple(x.shape)} but this model takes (B, {self.input_size}, {self.input_size}, "
-                f"{self.in_channels}) (input_size={self.input_size}, in_channels={self.in_channels})"
-            )
-        if jnp.shape(t) != (b,):
-            raise ValueError(f"t must have shape ({b},) (one timestep per example), got {tuple(jnp.shape(t))}")
-        if jnp.shape(y) != (b,):
-            raise ValueError(f"y must have shape ({b},) (one label per example), got {tuple(jnp.shape(y))}")
-        if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
-            raise ValueError(f"y must hold integer class labels, got dtype {jnp.result_type(y)}")
-        labels = _concrete(y)
-        if labels is not None and labels.size:
-            n_rows = self.y_embedder.embedding_table.num_embeddings
-            if labels.min() < 0 or labels.max() >= n_rows:
-                bad = sorted(set(labels[(labels < 0) | (labels >= n_rows)].tolist()))
-                null = f" (index {self.num_classes} is the null class)" if n_rows > self.num_classes else ""
-                raise ValueError(f"labels out of range [0, {n_rows - 1}]{null}: {bad[:10]}")
+        check_inputs(self, x, t, y)
 
     def unpatchify(self, x: jax.Array) -> jax.Array:
         """(B, T, p*p*C) with channel fastest, as the official (h, w, p, q, c) -> (B, h*p, w*q, C)."""

@@ -106,6 +106,7 @@ def linear(
     dtype: Dtype = None,
     kernel_init: Callable = xavier_uniform,
     use_bias: bool = True,
+    bias_init: Callable = zeros,
 ) -> nnx.Linear:
     """nnx.Linear with DiT's default init (xavier_uniform weight, zero bias) and fp32 params."""
     return nnx.Linear(
@@ -115,7 +116,7 @@ def linear(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=kernel_init,
-        bias_init=zeros,
+        bias_init=bias_init,
         rngs=rngs,
     )
 
@@ -157,15 +158,19 @@ class TimestepEmbedder(nnx.Module):
         max_period: float = 10000.0,
         downscale_freq_shift: float = 0.0,
         dtype: Dtype = None,
+        bias_init: Callable[[int], Callable] | None = None,
     ):
+        """bias_init: fan_in -> initializer for the two biases (default zeros, as DiT's _basic_init)."""
         self.frequency_embedding_size = frequency_embedding_size
         self.max_period = max_period
         self.downscale_freq_shift = downscale_freq_shift
+        b0 = zeros if bias_init is None else bias_init(frequency_embedding_size)
+        b2 = zeros if bias_init is None else bias_init(hidden_size)
         # Sequential indices mirror torch's nn.Sequential(Linear, SiLU, Linear): mlp.0 and mlp.2.
         self.mlp = nnx.Sequential(
-            linear(frequency_embedding_size, hidden_size, rngs, dtype=dtype, kernel_init=normal_002),
+            linear(frequency_embedding_size, hidden_size, rngs, dtype=dtype, kernel_init=normal_002, bias_init=b0),
             nnx.silu,
-            linear(hidden_size, hidden_size, rngs, dtype=dtype, kernel_init=normal_002),
+            linear(hidden_size, hidden_size, rngs, dtype=dtype, kernel_init=normal_002, bias_init=b2),
         )
 
     def __call__(self, t: jax.Array) -> jax.Array:

@@ -1,0 +1,97 @@
+"""`dit-jax ddt-schedule`: the statistical dynamic-programming sharing schedule of DDT, computed and saved.
+
+    dit-jax ddt-schedule --checkpoint DDT-XL-22en6de-R256.ckpt --num-steps 250 --refresh-rate 4 \
+        --out ddt_xl_250_k62.json
+    dit-jax ddt-schedule --variant DDT-S/2 --random-init --res 64 --num-steps 20 --out /tmp/s.json   # smoke run
+
+As the reference's sharing_dp: a template run (8 noises and labels from seed 0, guidance as configured, the
+encoder recomputed every step) records the self-condition s of every step; sim[i][j] is the token-mean cosine
+similarity of s_i and s_j; the schedule is the exact minimum-cost split of the steps into num_steps / refresh_rate
+segments, each starting with one encoder call (dit_jax.diffusion.sharing.dp_schedule). The template holds every
+step's s on the host: num_steps x 2 x batch x tokens x width floats (4.7 GB for XL/2, 250 steps, batch 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dit_jax.diffusion import flow
+from dit_jax.diffusion.sharing import dp_schedule, save_schedule, schedule_cost, state_similarity, uniform_schedule
+from dit_jax.models.ddt import DDT, DDT_models
+from dit_jax.sample_ddt import DDTSampler
+
+
+def build_model(args: argparse.Namespace) -> DDT:
+    if args.checkpoint:
+        from dit_jax.convert.ddt import load_official_ddt
+        from dit_jax.convert.pt_reader import read_state_dict
+
+        sd = read_state_dict(args.checkpoint)  # .ckpt/.pt (weights_only) or .safetensors, as numpy
+        abstract = nnx.eval_shape(lambda: DDT_models[args.variant](input_size=args.res // 8, rngs=nnx.Rngs(0)))
+        return load_official_ddt(abstract, sd, which=args.which)
+    if not args.random_init:
+        raise SystemExit("give --checkpoint PATH (a DDT checkpoint) or --random-init (a smoke run)")
+    return DDT_models[args.variant](input_size=args.res // 8, rngs=nnx.Rngs(args.seed))
+
+
+def compute_schedule(model: DDT, settings: flow.FlowSampleSettings, num_recompute: int, batch: int = 8,
+                     seed: int = 0) -> dict[str, Any]:
+    """Template run + DP. Returns schedule, its cost, the uniform schedule's cost and the similarity matrix."""
+    key = jax.random.key(seed)
+    k_noise, k_label = jax.random.split(key)
+    side = model.input_size
+    noise = jax.random.normal(k_noise, (batch, side, side, model.in_channels))
+    labels = jax.random.randint(k_label, (batch,), 0, model.num_classes)
+    _, states = DDTSampler(model, settings)(labels, noise, collect_states=True)
+    sim = state_similarity(np.stack(states))
+    sched = dp_schedule(sim, num_recompute)
+    n = settings.num_steps
+    uniform = uniform_schedule(n, max(1, n // num_recompute))[:num_recompute]
+    return dict(schedule=sched, cost=schedule_cost(sim, sched), uniform_cost=schedule_cost(sim, uniform), sim=sim)
+
+
+def cmd(args: argparse.Namespace) -> int:
+    if args.variant not in DDT_models:
+        raise SystemExit(f"unknown --variant {args.variant!r}; expected one of {sorted(DDT_models)}")
+    n = args.num_steps
+    k = int(n / args.refresh_rate)  # the reference's num_recompute_timesteps
+    if not 1 <= k <= n:
+        raise SystemExit(f"--refresh-rate {args.refresh_rate} gives {k} encoder calls for {n} steps")
+    settings = flow.FlowSampleSettings(num_steps=n, cfg_scale=args.cfg_scale, interval_min=args.interval_min,
+                                       interval_max=args.interval_max, shift=args.shift, last_step=args.last_step)
+    model = build_model(args)
+    out = compute_schedule(model, settings, k, batch=args.batch, seed=args.seed)
+    save_schedule(args.out, out["schedule"], num_steps=n, num_recompute=k, cost=out["cost"],
+                  uniform_cost=out["uniform_cost"], variant=args.variant, checkpoint=args.checkpoint or "random-init",
+                  cfg_scale=args.cfg_scale, interval=[args.interval_min, args.interval_max], shift=args.shift,
+                  last_step=args.last_step, template_batch=args.batch, seed=args.seed)
+    print(f"{k} encoder calls in {n} steps; DP cost {out['cost']:.4f} (uniform every {max(1, n // k)}: "
+          f"{out['uniform_cost']:.4f}); schedule {out['schedule']}")
+    print(f"saved {args.out}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("ddt-schedule", help="compute and save DDT's DP encoder-sharing schedule",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="DDT-XL/2", help="DDT-S/2 | DDT-B/2 | DDT-L/2 | DDT-XL/2")
+    p.add_argument("--checkpoint", help="a DDT checkpoint (.ckpt/.pt from MCG-NJU, or .safetensors)")
+    p.add_argument("--which", default="ema", choices=("ema", "model"), help="ema_denoiser (default) or denoiser")
+    p.add_argument("--random-init", action="store_true", help="random weights (smoke runs, tests)")
+    p.add_argument("--res", type=int, default=256, help="image resolution (latents res // 8)")
+    p.add_argument("--num-steps", type=int, default=250)
+    p.add_argument("--refresh-rate", type=float, default=4.0, help="encoder calls = num_steps / refresh_rate")
+    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--interval-min", type=float, default=0.3)
+    p.add_argument("--interval-max", type=float, default=1.0)
+    p.add_argument("--shift", type=float, default=1.0)
+    p.add_argument("--last-step", type=float, default=0.04)
+    p.add_argument("--batch", type=int, default=8, help="template batch (the reference uses 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the schedule JSON to write")
+    p.set_defaults(func=cmd)
