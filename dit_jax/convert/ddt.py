@@ -55,6 +55,9 @@ def denoiser_state_dict(state_dict: Mapping[str, Any], which: str = "ema") -> di
 def load_official_ddt(model: DDT, state_dict: Mapping[str, Any], *, which: str = "ema") -> DDT:
     """Fill `model` in place from a DDT checkpoint (see the module docstring) and return it. One ValueError names
     every missing, unexpected or mis-shaped key before anything is written."""
+    if hasattr(model, "repa_proj"):
+        raise ValueError("load_official_ddt fills a DDT built without the REPA projector (repa_dim=0): the released "
+                         "projector is trainer state (diffusion_trainer.proj.*) and is not needed for sampling")
     sd = denoiser_state_dict(state_dict, which)
     required = torch_named_shapes(model, source_name)
 

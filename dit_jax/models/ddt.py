@@ -30,11 +30,11 @@ from flax import nnx
 
 from dit_jax.models.dit import check_inputs
 from dit_jax.models.layers import (
-    ATTENTION_IMPLS,
     Dtype,
     LabelEmbedder,
     TimestepEmbedder,
     attention,
+    check_attention_args,
     layer_norm,
     linear,
     xavier_uniform,
@@ -144,10 +144,7 @@ class RAttention(nnx.Module):
     """Self-attention with qk RMSNorm and 2-D RoPE: qkv Linear(D, 3D) without bias, proj with bias."""
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Dtype = None, attn_impl: str = "xla"):
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
-        if attn_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention impl {attn_impl!r}; expected one of {ATTENTION_IMPLS}")
+        check_attention_args(dim, num_heads, attn_impl)
         self.num_heads = num_heads
         self.attn_impl = attn_impl
         head_dim = dim // num_heads
@@ -210,6 +207,21 @@ class FinalLayer(nnx.Module):
         return self.linear(modulate(layer_norm(x), shift, scale).astype(x.dtype)).astype(jnp.float32)
 
 
+class Projector(nnx.Module):
+    """REPA's projector MLP, Linear(D, H) - SiLU - Linear(H, H) - SiLU - Linear(H, Z), torch default init
+    (MCG-NJU/DDT training_repa.py `proj`; it lives in the trainer there, in the model here so that it is
+    trained, EMA'd and checkpointed with it)."""
+
+    def __init__(self, din: int, hidden: int, dout: int, *, rngs: nnx.Rngs):
+        self.layers = nnx.Sequential(
+            torch_linear(din, hidden, rngs), nnx.silu, torch_linear(hidden, hidden, rngs), nnx.silu,
+            torch_linear(hidden, dout, rngs),
+        )
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.layers(h.astype(jnp.float32))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Patches in unfold / fold order.
 # ----------------------------------------------------------------------------------------------------------
@@ -254,8 +266,11 @@ class DDT(nnx.Module):
         class_dropout_prob: float = 0.1,
         dtype: Dtype = None,
         attn_impl: str = "xla",
+        repa_dim: int = 0,
+        repa_hidden: int = 0,
         rngs: nnx.Rngs = None,
     ):
+        """repa_dim > 0 adds the REPA projector `repa_proj` (D -> repa_hidden or D -> repa_dim) for training."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -282,6 +297,8 @@ class DDT(nnx.Module):
             for _ in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_dim, rngs=rngs, dtype=dtype)
+        if repa_dim:
+            self.repa_proj = Projector(hidden_size, repa_hidden or hidden_size, repa_dim, rngs=rngs)
 
     def angles(self) -> jax.Array:
         g = self.input_size // self.patch_size

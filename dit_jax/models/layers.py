@@ -252,6 +252,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> ja
     raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
 
 
+def check_attention_args(dim: int, num_heads: int, attn_impl: str) -> None:
+    if dim % num_heads:
+        raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+    if attn_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {attn_impl!r}; expected one of {ATTENTION_IMPLS}")
+
+
 class Attention(nnx.Module):
     """timm `Attention` with a fused qkv Linear(D, 3D) (q | k | v, each head-major) and an output proj."""
 
@@ -265,10 +272,7 @@ class Attention(nnx.Module):
         dtype: Dtype = None,
         attn_impl: str = "xla",
     ):
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
-        if attn_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention impl {attn_impl!r}; expected one of {ATTENTION_IMPLS}")
+        check_attention_args(dim, num_heads, attn_impl)
         self.num_heads = num_heads
         self.attn_impl = attn_impl
         self.qkv = linear(dim, 3 * dim, rngs, dtype=dtype, use_bias=qkv_bias)

@@ -77,8 +77,12 @@ def base_config() -> ConfigDict:
     config.seed = 0
     config.runlocal = False  # True: shrink to a one-minute CPU smoke test (apply_runlocal)
 
+    config.objective = "diffusion"  # diffusion (DiT's Gaussian diffusion, hybrid loss) | flow (DDT's flow matching)
+
     config.model = ConfigDict()
+    config.model.arch = "dit"  # dit | ddt (dit_jax.models.ddt: condition encoder + velocity decoder)
     config.model.variant = "XL/2"  # "S|B|L|XL / 2|4|8" (decode_variant); the sizes below override it when > 0
+    config.model.num_encoder_blocks = 0  # ddt: encoder blocks (0 = the variant's: XL 22, L 20, B and S 8)
     config.model.depth = 0  # 0 = the variant's
     config.model.hidden_size = 0  # 0 = the variant's
     config.model.num_heads = 0  # 0 = the variant's
@@ -104,6 +108,20 @@ def base_config() -> ConfigDict:
     config.diffusion.predict_xstart = False
     config.diffusion.rescale_learned_sigmas = False
     config.diffusion.diffusion_steps = 1000
+
+    # flow matching (objective=flow): x_t = t x + (1 - t) eps, v = x - eps (dit_jax.diffusion.flow)
+    config.flow = ConfigDict()
+    config.flow.t_dist = "logit_normal"  # logit_normal (sigmoid of N(0, 1), DDT) | uniform
+    config.flow.time_scale = 1.0  # the model sees t * time_scale (1 for DDT)
+
+    # REPA (objective=flow, model.arch=ddt): align encoder block `layer` to a frozen target encoder
+    config.repa = ConfigDict()
+    config.repa.weight = 0.0  # 0 = off; DDT: 0.5
+    config.repa.layer = 8  # 1-based encoder block whose output is aligned
+    config.repa.encoder = "dinov2_vitb14"  # dinov2_vitb14 | random (a tiny frozen random ViT, for tests)
+    config.repa.encoder_path = ""  # local dinov2_vitb14_pretrain.pth (nothing is downloaded)
+    config.repa.proj_dim = 768  # the target features' width (ViT-B: 768)
+    config.repa.proj_hidden = 0  # projector hidden width; 0 = the model width
 
     config.data = ConfigDict()
     config.data.source = "latents"  # digits | tfds | folder | latents
@@ -498,10 +516,32 @@ def validate_config(config: ConfigDict) -> None:
     one_of("model.attn_impl", m.attn_impl, ATTENTION_IMPLS)
     one_of("model.remat_policy", m.remat_policy, tuple(REMAT_POLICIES))
 
+    # --- objective, DDT, flow, REPA
+    one_of("objective", config.objective, ("diffusion", "flow"))
+    one_of("model.arch", m.arch, ("dit", "ddt"))
+    if m.arch == "ddt":
+        check(config.objective == "flow", "model.arch=ddt trains with objective=flow")
+        check(0 <= m.num_encoder_blocks < max(arch.get("depth", 1), 1),
+              f"model.num_encoder_blocks={m.num_encoder_blocks} must be in [0, depth)")
+    if config.objective == "flow":
+        one_of("flow.t_dist", config.flow.t_dist, ("logit_normal", "uniform"))
+        check(m.arch == "ddt" or not m.learn_sigma, "a DiT trained with objective=flow needs model.learn_sigma=False")
+    r = config.repa
+    if r.weight:
+        check(m.arch == "ddt" and config.objective == "flow", "repa.weight > 0 needs model.arch=ddt, objective=flow")
+        check(r.layer >= 1, f"repa.layer={r.layer} must be >= 1 (a 1-based encoder block)")
+        one_of("repa.encoder", r.encoder, ("dinov2_vitb14", "random"))
+        check(data.source != "latents",
+              "REPA aligns to features of the clean image, and latent batches carry VAE moments only: use a pixel "
+              "source or repa.weight=0")
+        check(r.encoder != "dinov2_vitb14" or bool(r.encoder_path),
+              "repa.encoder=dinov2_vitb14 needs repa.encoder_path, a local dinov2_vitb14_pretrain.pth (nothing is "
+              "downloaded); repa.encoder=random for a smoke run, or repa.weight=0 to turn REPA off")
+
     # --- diffusion
     one_of("diffusion.noise_schedule", d.noise_schedule, NOISE_SCHEDULES)
     check(d.diffusion_steps > 0, f"diffusion.diffusion_steps={d.diffusion_steps} must be > 0")
-    check(d.learn_sigma == m.learn_sigma,
+    check(config.objective == "flow" or d.learn_sigma == m.learn_sigma,
           f"diffusion.learn_sigma={d.learn_sigma} disagrees with model.learn_sigma={m.learn_sigma}")
     check(re.fullmatch(r"|ddim\d+|\d+(,\d+)*", d.timestep_respacing) is not None,
           f"diffusion.timestep_respacing={d.timestep_respacing!r} must be '', 'ddimN' or counts like '250' / '10,15,20'")

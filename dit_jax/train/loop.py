@@ -36,7 +36,8 @@ from dit_jax.train.sharding import (
     replicated,
     shard_batch,
 )
-from dit_jax.train.state import abstract_state, init_state, model_kwargs
+from dit_jax.train.state import abstract_state, build_model, init_state, model_kwargs, target_encoder
+from dit_jax.train.flow_step import make_flow_train_step
 from dit_jax.train.step import make_train_step
 
 log = logging.getLogger("dit_jax.train")
@@ -64,6 +65,13 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 
 def train_flops_per_example(config: Any) -> float:
     """Real FLOPs of one training example: 3 x forward (forward + backward), 2 FLOPs per MAC."""
+    if config.model.arch == "ddt":  # traced from abstract shapes: the encoder and decoder of one forward pass
+        model = nnx.eval_shape(lambda: build_model(config.model, 0))
+        graphdef, abstract = nnx.split(model)
+        side, c = config.model.input_size, config.model.in_channels
+        x = jax.ShapeDtypeStruct((1, side, side, c), jnp.float32)
+        t, y = jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
+        return 3 * 2 * flops.traced_macs(lambda st, x, t, y: nnx.merge(graphdef, st)(x, t, y), abstract, x, t, y)
     kw = model_kwargs(config.model)
     keys = ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "learn_sigma",
             "num_classes", "block_type")
@@ -109,8 +117,10 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
 
     # ================================================================ model and optimizer (abstract)
     optimizer = make_optimizer(config.optim)
-    diffusion = create_diffusion(**diffusion_kwargs(config.diffusion))
-    graphdef, abstract = abstract_state(config.model, optimizer, config.seed)
+    flow_objective = config.objective == "flow"
+    diffusion = None if flow_objective else create_diffusion(**diffusion_kwargs(config.diffusion))
+    repa_on = flow_objective and config.repa.weight > 0
+    graphdef, abstract = abstract_state(config.model, optimizer, config.seed, config.repa)
     shardings = param_shardings(abstract, mesh, fsdp=bool(config.fsdp))
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
 
@@ -123,11 +133,24 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
             data_iter.set_state(restored.data_state)
         print(f"resumed from step {restored.step} in {ckpt.directory}", flush=True)
     else:
-        state = jax.jit(lambda: init_state(config.model, optimizer, config.seed)[1], out_shardings=shardings)()
+        state = jax.jit(lambda: init_state(config.model, optimizer, config.seed, config.repa)[1],
+                        out_shardings=shardings)()
+        if repa_on and config.repa.encoder_path:  # the released target encoder, loaded outside jit
+            from dit_jax.convert.dinov2 import load_dinov2_file
+
+            encoder = load_dinov2_file(config.repa.encoder_path)
+            state["frozen"] = jax.device_put(nnx.split(encoder)[1].to_pure_dict(), shardings["frozen"])
     start_step = int(jax.device_get(state["step"]))
 
     # ================================================================ update step (AOT compiled)
-    train_step = make_train_step(graphdef, diffusion, optimizer, latent_scale=latent_scale)
+    if flow_objective:
+        encoder_graphdef = nnx.split(nnx.eval_shape(lambda: target_encoder(config.repa)))[0] if repa_on else None
+        train_step = make_flow_train_step(
+            graphdef, optimizer, t_dist=config.flow.t_dist, latent_scale=latent_scale,
+            repa_weight=float(config.repa.weight) if repa_on else 0.0, repa_layer=int(config.repa.layer),
+            encoder_graphdef=encoder_graphdef, time_scale=float(config.flow.time_scale))
+    else:
+        train_step = make_train_step(graphdef, diffusion, optimizer, latent_scale=latent_scale)
     b_shard = batch_sharding(mesh)
     probe = next(data_iter)  # shapes of a batch; it is also the first batch trained on
     abstract_batch = {
@@ -240,8 +263,8 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
 
 def _write_samples(writer: Any, graphdef: nnx.GraphDef, state: dict, config: Any, step: int) -> None:
     """An EMA sample grid (pixel-space models only until the VAE lands), one class per row."""
-    if config.data.source == "latents":
-        return  # decoding latents needs the VAE
+    if config.data.source == "latents" or config.objective == "flow":
+        return  # decoding latents needs the VAE; flow models sample with dit_jax.diffusion.flow / sample_ddt
     params = ema_params(state["opt_state"])
     _, images = sample_grid(graphdef, params, state["rest"], config, jax.random.key(step))
     writer.write_images(step, "ema_samples", make_grid(images, nrow=config.train.sample_per_class))

@@ -1,0 +1,151 @@
+"""The flow-matching train step with REPA (dit_jax/train/flow_step.py, dit_jax/train/repa.py): where REPA's
+gradient goes, and one DDT step on 8 simulated devices equal to one device."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dit_jax.models import DDT
+from dit_jax.models.dinov2 import random_target_encoder
+from dit_jax.train.flow_step import frozen_state, make_flow_loss, make_flow_train_step
+from dit_jax.train.optim import make_optimizer
+from dit_jax.train.repa import cosine_loss, match_token_grid
+from dit_jax.train.sharding import make_mesh, param_shardings, shard_batch
+
+ALIGN = 2  # encoder block whose output REPA aligns (of 3 encoder blocks)
+
+
+def make_model(seed: int = 0) -> DDT:
+    # 3-channel pixels, 16x16 at patch 2: 64 tokens; the random target encoder (patch 7) sees 28x28 -> 16 tokens
+    return DDT(input_size=16, patch_size=2, in_channels=3, hidden_size=32, depth=5, num_heads=2,
+               num_encoder_blocks=3, num_classes=10, repa_dim=24, repa_hidden=32, rngs=nnx.Rngs(seed))
+
+
+def make_encoder():
+    return random_target_encoder(depth=1, width=24, heads=2, patch=7, seed=0)
+
+
+def batch(n: int = 8, seed: int = 0) -> dict:
+    r = np.random.default_rng(seed)
+    return dict(x=r.uniform(-1, 1, (n, 16, 16, 3)).astype(np.float32), y=r.integers(0, 10, n).astype(np.int32),
+                images=r.uniform(0, 1, (n, 32, 32, 3)).astype(np.float32))
+
+
+def test_repa_gradient_reaches_only_the_aligned_blocks_and_never_the_target_encoder():
+    model, encoder = make_model(), make_encoder()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    enc_graphdef, frozen = nnx.split(encoder)
+    params, rest, frozen = params.to_pure_dict(), rest.to_pure_dict(), frozen.to_pure_dict()
+    b = jax.tree.map(jnp.asarray, batch())
+    loss_fn = make_flow_loss(graphdef, repa_weight=0.5, repa_layer=ALIGN, encoder_graphdef=enc_graphdef,
+                             fm_weight=0.0)  # the REPA term alone
+    grads, frozen_grads = jax.grad(lambda p, f: loss_fn(p, f, rest, b, jax.random.key(0))[0], argnums=(0, 1))(
+        params, frozen)
+
+    def norm(tree) -> float:
+        return float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+    assert norm(frozen_grads) == 0.0  # stop_gradient: the target encoder gets nothing
+    for i in range(5):
+        g = norm(grads["blocks"][i])
+        if i < ALIGN:
+            assert g > 0, f"block {i} (before the align layer) got no REPA gradient"
+        else:
+            assert g == 0.0, f"block {i} (after the align layer) got REPA gradient {g}"
+    for name in ("final_layer", "x_embedder"):
+        assert norm(grads[name]) == 0.0, name
+    assert norm(grads["repa_proj"]) > 0 and norm(grads["s_embedder"]) > 0
+    # with the flow term on, the decoder trains too
+    full = make_flow_loss(graphdef, repa_weight=0.5, repa_layer=ALIGN, encoder_graphdef=enc_graphdef)
+    g_full = jax.grad(lambda p: full(p, frozen, rest, b, jax.random.key(0))[0])(params)
+    assert norm(g_full["blocks"][4]) > 0 or norm(g_full["final_layer"]) > 0
+
+
+def test_cosine_loss_and_token_grid():
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 5)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(cosine_loss(a, 3.0 * a)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(cosine_loss(a, -a)), 2.0, atol=1e-6)
+    assert match_token_grid(a, 4) is a and match_token_grid(a, 16).shape == (2, 16, 5)
+    with pytest.raises(ValueError, match="square"):
+        match_token_grid(a, 6)
+
+
+def _one_step(mesh, fsdp: bool = False) -> tuple[dict, dict]:
+    model, encoder = make_model(), make_encoder()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    enc_graphdef = nnx.split(encoder)[0]
+    optimizer = make_optimizer(ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
+                                                              grad_clip_norm=0.0, warmup_steps=0, ema_decay=0.9)))
+    params = params.to_pure_dict()
+    state = dict(params=params, rest=rest.to_pure_dict(), opt_state=optimizer.init(params),
+                 step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(0)),
+                 frozen=frozen_state(encoder))
+    shardings = param_shardings(state, mesh, fsdp=fsdp)
+    state = jax.device_put(state, shardings)
+    step = make_flow_train_step(graphdef, optimizer, repa_weight=0.5, repa_layer=ALIGN, encoder_graphdef=enc_graphdef)
+    step = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,))
+    data = shard_batch(batch(), mesh)
+    for _ in range(2):
+        state, metrics = step(state, data)
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_one_ddt_repa_step_on_8_devices_equals_1_device(fsdp):
+    one = _one_step(make_mesh(-1, 1, jax.devices()[:1]))
+    eight = _one_step(make_mesh(2, 4) if fsdp else make_mesh(-1, 1), fsdp=fsdp)
+    assert len(jax.devices()) == 8
+    for k in ("loss", "fm_loss", "repa_loss"):
+        np.testing.assert_allclose(eight[1][k], one[1][k], rtol=1e-5)
+    assert one[1]["repa_loss"] > 0
+    for a, b in zip(jax.tree.leaves(eight[0]["params"]), jax.tree.leaves(one[0]["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(eight[0]["frozen"]), jax.tree.leaves(one[0]["frozen"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_trainer_trains_and_resumes_a_ddt_with_repa(tmp_path):
+    """The real trainer (dit_jax.train.loop) on the digits with objective=flow, a DDT and REPA against the frozen
+    random ViT: losses finite, the REPA term logged, the frozen encoder checkpointed and resumed unchanged."""
+    from dit_jax.train.checkpoint import Checkpointer
+    from dit_jax.train.config_io import load_config
+    from dit_jax.train.loop import train
+
+    overrides = ["objective=flow", "model.arch=ddt", "model.learn_sigma=False", "model.num_encoder_blocks=1",
+                 "repa.weight=0.5", "repa.encoder=random", "repa.layer=1", "repa.proj_dim=24", "train.steps=4",
+                 "train.log_every=2", "train.ckpt_every=2"]
+    cfg = load_config("configs/digits.py:runlocal=True", overrides)
+    first = train(cfg, tmp_path)
+    assert first["step"] == 4
+    m = first["metrics"]
+    assert np.isfinite(m["loss"]) and 0 < m["repa_loss"] <= 2 and m["fm_loss"] > 0
+    frozen_before = jax.device_get(first["state"]["frozen"])
+    cfg = load_config("configs/digits.py:runlocal=True", overrides[:-3] + ["train.steps=6", "train.log_every=2",
+                                                                         "train.ckpt_every=2"])
+    second = train(cfg, tmp_path)
+    assert second["step"] == 6
+    for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.device_get(second["state"]["frozen"]))):
+        np.testing.assert_array_equal(a, b)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.latest_step() == 6
+    ckpt.close()
+
+
+def test_a_dit_trains_with_the_flow_objective_sit_style(tmp_path):
+    """objective=flow with model.arch=dit: the DiT read as a velocity model (learn_sigma off), t scaled to the
+    timestep embedder's range."""
+    from dit_jax.train.config_io import ConfigError, load_config
+    from dit_jax.train.loop import train
+
+    overrides = ["objective=flow", "model.learn_sigma=False", "diffusion.learn_sigma=False", "flow.time_scale=1000",
+                 "flow.t_dist=uniform", "train.steps=3", "train.log_every=3", "train.ckpt_every=3"]
+    out = train(load_config("configs/digits.py:runlocal=True", overrides), tmp_path)
+    assert out["step"] == 3 and np.isfinite(out["metrics"]["loss"]) and "repa_loss" not in out["metrics"]
+    with pytest.raises(ConfigError, match="learn_sigma=False"):
+        load_config("configs/digits.py:runlocal=True", ["objective=flow"])
