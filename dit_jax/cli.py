@@ -14,6 +14,7 @@ _SUBCOMMAND_MODULES = (
     "dit_jax.extract_latents",
     "dit_jax.convert.cli",
     "dit_jax.sample_cli",
+    "dit_jax.sample_ddt_cli",
     "dit_jax.ddt_schedule",
     "dit_jax.weights",
     "dit_jax.evaluate.cli",

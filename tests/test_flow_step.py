@@ -118,14 +118,16 @@ def test_trainer_trains_and_resumes_a_ddt_with_repa(tmp_path):
     from dit_jax.train.loop import train
 
     overrides = ["objective=flow", "model.arch=ddt", "model.learn_sigma=False", "model.num_encoder_blocks=1",
-                 "repa.weight=0.5", "repa.encoder=random", "repa.layer=1", "repa.proj_dim=24", "train.steps=4",
-                 "train.log_every=2", "train.ckpt_every=2"]
+                 "repa.weight=0.5", "repa.encoder=random", "repa.layer=1", "repa.proj_dim=24",
+                 "train.sample_every=2", "train.sample_steps=4", "train.steps=4", "train.log_every=2",
+                 "train.ckpt_every=2"]
     cfg = load_config("configs/digits.py:runlocal=True", overrides)
     first = train(cfg, tmp_path)
     assert first["step"] == 4
     m = first["metrics"]
     assert np.isfinite(m["loss"]) and 0 < m["repa_loss"] <= 2 and m["fm_loss"] > 0
     frozen_before = jax.device_get(first["state"]["frozen"])
+    assert (tmp_path / "samples" / "ema_samples_0000002.png").is_file()  # the flow model's EMA sample grid
     cfg = load_config("configs/digits.py:runlocal=True", overrides[:-3] + ["train.steps=6", "train.log_every=2",
                                                                          "train.ckpt_every=2"])
     second = train(cfg, tmp_path)
