@@ -25,13 +25,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dit_jax import flops
 from dit_jax.diffusion import create_diffusion
 from dit_jax.train import metrics as metrics_lib
 from dit_jax.train.config_io import load_config
 from dit_jax.train.optim import make_optimizer
 from dit_jax.train.sharding import batch_sharding, make_mesh, mesh_context, param_shardings, replicated
-from dit_jax.train.state import abstract_state, build_model, init_state, model_kwargs
+from dit_jax.train.state import abstract_state, build_model, forward_macs, init_state
 
 MODES = ("train", "sample")
 
@@ -75,10 +74,7 @@ def _devices(n: int) -> list:
 
 def forward_flops(model_cfg: Any) -> float:
     """Real FLOPs (2 x MACs) of one forward pass of one example."""
-    kw = model_kwargs(model_cfg)
-    keys = ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "learn_sigma",
-            "num_classes", "block_type")
-    return 2.0 * flops.dit_macs(**{k: kw[k] for k in keys})
+    return 2.0 * forward_macs(model_cfg)
 
 
 def _time_windows(run: Callable[[], Any], spec: BenchSpec) -> list[float]:

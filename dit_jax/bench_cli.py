@@ -22,12 +22,17 @@ from typing import Any
 TORCH_REFERENCE = Path(__file__).resolve().parents[1] / "bench" / "torch_reference.py"
 
 
-def load_torch_reference() -> ModuleType:
-    """Import bench/torch_reference.py from the checkout (it is not part of the installed package)."""
+def _torch_reference_path() -> Path:
     if not TORCH_REFERENCE.is_file():
         raise FileNotFoundError(
             f"{TORCH_REFERENCE} not found: the side-by-side mode needs a source checkout (pip install -e .)"
         )
+    return TORCH_REFERENCE
+
+
+def load_torch_reference() -> ModuleType:
+    """Import bench/torch_reference.py from the checkout (it is not part of the installed package)."""
+    _torch_reference_path()
     spec = importlib.util.spec_from_file_location("dit_jax_bench_torch_reference", TORCH_REFERENCE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -36,11 +41,7 @@ def load_torch_reference() -> ModuleType:
 
 def run_torch_reference(mode: str, args: argparse.Namespace, timeout: float | None = None) -> dict[str, Any]:
     """Run the reference in a subprocess with the same configuration; returns its JSON result."""
-    if not TORCH_REFERENCE.is_file():
-        raise FileNotFoundError(
-            f"{TORCH_REFERENCE} not found: the side-by-side mode needs a source checkout (pip install -e .)"
-        )
-    cmd = [sys.executable, str(TORCH_REFERENCE), mode, "--variant", args.variant, "--batch", str(args.batch),
+    cmd = [sys.executable, str(_torch_reference_path()), mode, "--variant", args.variant, "--batch", str(args.batch),
            "--res", str(args.res), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--windows", str(args.windows), "--device", args.torch_device, "--amp", args.torch_amp,
            "--cfg-scale", str(args.cfg_scale)]

@@ -18,25 +18,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import dp_schedule, save_schedule, schedule_cost, state_similarity, uniform_schedule
-from dit_jax.models.ddt import DDT, DDT_models
-from dit_jax.sample_ddt import DDTSampler
-
-
-def build_model(args: argparse.Namespace) -> DDT:
-    if args.checkpoint:
-        from dit_jax.convert.ddt import load_official_ddt
-        from dit_jax.convert.pt_reader import read_state_dict
-
-        sd = read_state_dict(args.checkpoint)  # .ckpt/.pt (weights_only) or .safetensors, as numpy
-        abstract = nnx.eval_shape(lambda: DDT_models[args.variant](input_size=args.res // 8, rngs=nnx.Rngs(0)))
-        return load_official_ddt(abstract, sd, which=args.which)
-    if not args.random_init:
-        raise SystemExit("give --checkpoint PATH (a DDT checkpoint) or --random-init (a smoke run)")
-    return DDT_models[args.variant](input_size=args.res // 8, rngs=nnx.Rngs(args.seed))
+from dit_jax.models.ddt import DDT
+from dit_jax.sample_ddt import DDTSampler, load_ddt
 
 
 def compute_schedule(model: DDT, settings: flow.FlowSampleSettings, num_recompute: int, batch: int = 8,
@@ -56,15 +42,17 @@ def compute_schedule(model: DDT, settings: flow.FlowSampleSettings, num_recomput
 
 
 def cmd(args: argparse.Namespace) -> int:
-    if args.variant not in DDT_models:
-        raise SystemExit(f"unknown --variant {args.variant!r}; expected one of {sorted(DDT_models)}")
     n = args.num_steps
     k = int(n / args.refresh_rate)  # the reference's num_recompute_timesteps
     if not 1 <= k <= n:
         raise SystemExit(f"--refresh-rate {args.refresh_rate} gives {k} encoder calls for {n} steps")
     settings = flow.FlowSampleSettings(num_steps=n, cfg_scale=args.cfg_scale, interval_min=args.interval_min,
                                        interval_max=args.interval_max, shift=args.shift, last_step=args.last_step)
-    model = build_model(args)
+    try:
+        model = load_ddt(args.variant, args.res, args.checkpoint, which=args.which, random_init=args.random_init,
+                         seed=args.seed)
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f"dit-jax ddt-schedule: error: {e}") from e
     out = compute_schedule(model, settings, k, batch=args.batch, seed=args.seed)
     save_schedule(args.out, out["schedule"], num_steps=n, num_recompute=k, cost=out["cost"],
                   uniform_cost=out["uniform_cost"], variant=args.variant, checkpoint=args.checkpoint or "random-init",

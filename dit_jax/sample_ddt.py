@@ -23,7 +23,7 @@ from flax import nnx
 
 from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import recompute_mask
-from dit_jax.models.ddt import DDT
+from dit_jax.models.ddt import DDT, DDT_models
 
 
 class DDTSampler:
@@ -86,3 +86,21 @@ class DDTSampler:
             if collect_states:
                 states.append(np.asarray(state))
         return (x, states) if collect_states else x
+
+
+def load_ddt(variant: str, image_size: int, ckpt: str | None = None, *, which: str = "ema",
+             random_init: bool = False, seed: int = 0) -> DDT:
+    """A DDT for `image_size` px (latents image_size // 8): from a checkpoint (.ckpt/.pt or .safetensors, the
+    released layout; built abstractly, so nothing is initialised twice) or, with random_init, untrained."""
+    if variant not in DDT_models:
+        raise ValueError(f"unknown DDT variant {variant!r}; expected one of {sorted(DDT_models)}")
+    make = DDT_models[variant]
+    if random_init:
+        return make(input_size=image_size // 8, rngs=nnx.Rngs(seed))
+    if not ckpt:
+        raise ValueError("give a DDT checkpoint (--ckpt / --checkpoint: .ckpt/.pt or .safetensors) or --random-init")
+    from dit_jax.convert.ddt import load_official_ddt
+    from dit_jax.convert.pt_reader import read_state_dict
+
+    abstract = nnx.eval_shape(lambda: make(input_size=image_size // 8, rngs=nnx.Rngs(0)))
+    return load_official_ddt(abstract, read_state_dict(ckpt), which=which)

@@ -18,31 +18,13 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
-from flax import nnx
 
 from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import load_schedule, uniform_schedule
 from dit_jax.images import make_grid, save_png
-from dit_jax.models.ddt import DDT, DDT_models
 from dit_jax.sample import data_mesh
 from dit_jax.sample_cli import Decoder, error, parse_labels
-from dit_jax.sample_ddt import DDTSampler
-
-
-def load_ddt(args: argparse.Namespace) -> DDT:
-    if args.variant not in DDT_models:
-        raise ValueError(f"unknown --variant {args.variant!r}; expected one of {sorted(DDT_models)}")
-    make = DDT_models[args.variant]
-    if args.random_init:
-        return make(input_size=args.image_size // 8, rngs=nnx.Rngs(args.seed))
-    if not args.ckpt:
-        raise ValueError("give --ckpt (a DDT checkpoint: .ckpt/.pt or .safetensors) or --random-init")
-    from dit_jax.convert.ddt import load_official_ddt
-    from dit_jax.convert.pt_reader import read_state_dict
-
-    abstract = nnx.eval_shape(lambda: make(input_size=args.image_size // 8, rngs=nnx.Rngs(0)))
-    return load_official_ddt(abstract, read_state_dict(args.ckpt), which=args.which)
+from dit_jax.sample_ddt import DDTSampler, load_ddt
 
 
 def schedule_from_args(args: argparse.Namespace) -> list[int] | None:
@@ -61,7 +43,8 @@ def schedule_from_args(args: argparse.Namespace) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
-        model = load_ddt(args)
+        model = load_ddt(args.variant, args.image_size, args.ckpt, which=args.which, random_init=args.random_init,
+                         seed=args.seed)
         labels = parse_labels(args.labels, model.num_classes)
         cfg = args.cfg_scale if args.cfg_scale is not None else (2.0 if args.image_size == 256 else 3.0)
         settings = flow.FlowSampleSettings(num_steps=args.steps, cfg_scale=cfg, interval_min=args.interval_min,

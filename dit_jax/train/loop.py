@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax import flops
 from dit_jax.data import make_train_iterator
 from dit_jax.data.prefetch import DevicePrefetch
 from dit_jax.diffusion import create_diffusion, flow
@@ -36,7 +35,7 @@ from dit_jax.train.sharding import (
     replicated,
     shard_batch,
 )
-from dit_jax.train.state import abstract_state, build_model, init_state, model_kwargs, target_encoder
+from dit_jax.train.state import abstract_state, forward_macs, init_state, target_encoder
 from dit_jax.train.flow_step import make_flow_train_step
 from dit_jax.train.step import make_train_step
 
@@ -65,17 +64,7 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 
 def train_flops_per_example(config: Any) -> float:
     """Real FLOPs of one training example: 3 x forward (forward + backward), 2 FLOPs per MAC."""
-    if config.model.arch == "ddt":  # traced from abstract shapes: the encoder and decoder of one forward pass
-        model = nnx.eval_shape(lambda: build_model(config.model, 0))
-        graphdef, abstract = nnx.split(model)
-        side, c = config.model.input_size, config.model.in_channels
-        x = jax.ShapeDtypeStruct((1, side, side, c), jnp.float32)
-        t, y = jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
-        return 3 * 2 * flops.traced_macs(lambda st, x, t, y: nnx.merge(graphdef, st)(x, t, y), abstract, x, t, y)
-    kw = model_kwargs(config.model)
-    keys = ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "learn_sigma",
-            "num_classes", "block_type")
-    return 3 * 2 * flops.dit_macs(**{k: kw[k] for k in keys})
+    return 3 * 2 * forward_macs(config.model)
 
 
 def sample_grid(graphdef: nnx.GraphDef, params: dict, rest: dict, config: Any, key: jax.Array) -> np.ndarray:

@@ -96,6 +96,23 @@ def build_model(model_cfg: Any, seed: int = 0, repa_cfg: Any = None) -> nnx.Modu
     return DiT(**model_kwargs(model_cfg), rngs=nnx.Rngs(seed))
 
 
+def forward_macs(model_cfg: Any) -> int:
+    """Multiply-accumulates of one forward pass of one example: analytic for a DiT (dit_jax.flops, the paper's
+    count), traced from abstract shapes for a DDT (encoder + decoder)."""
+    from dit_jax import flops
+
+    if getattr(model_cfg, "arch", "dit") == "ddt":
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, 0)))
+        side, c = model_cfg.input_size, model_cfg.in_channels
+        x = jax.ShapeDtypeStruct((1, side, side, c), jnp.float32)
+        t, y = jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
+        return flops.traced_macs(lambda st, x, t, y: nnx.merge(graphdef, st)(x, t, y), abstract, x, t, y)
+    kw = model_kwargs(model_cfg)
+    keys = ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "learn_sigma",
+            "num_classes", "block_type")
+    return flops.dit_macs(**{k: kw[k] for k in keys})
+
+
 def split_model(model: DiT) -> tuple[nnx.GraphDef, dict, dict]:
     """-> (graphdef, params pure dict, rest pure dict)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
