@@ -2,22 +2,24 @@
 r"""DDT on class-conditional ImageNet in SD-VAE latent space: the paper's recipe (Wang et al. 2025; MCG-NJU/DDT
 configs/repa_improved_ddt_xlen22de6_256.yaml).
 
+  dit-jax extract-latents --vae path/to/sd-vae-ft-ema --source tfds --name imagenet2012 --split train \
+      --image-size 256 --store-images --out /data/imagenet256-latents-images
   dit-jax train --config configs/ddt_imagenet.py:variant=XL/2,res=256 \
-      --workdir gs://BUCKET/ddt-xl2-256 --config.data.path=gs://BUCKET/imagenet-latents-256
+      --workdir gs://BUCKET/ddt-xl2-256 --config.data.path=/data/imagenet256-latents-images \
+      --config.repa.encoder_path=/data/dinov2_vitb14_pretrain.pth
 
 Config argument (comma-separated key=value): variant (S|B|L|XL / 2; the encoder/decoder split is the paper's:
 XL 22En6De, L 20En4De, B 8En4De, S 8En4De), res (256 or 512), runlocal (True: tiny model, batch 8, 20 steps on a
-CPU), repa (True: REPA with a frozen DINOv2 ViT-B/14 read from --config.repa.encoder_path).
+CPU, a frozen random ViT in place of DINOv2), repa (False: train without REPA, on latents with no stored images).
 
 Paper settings: flow matching on the linear path (x_t = t x + (1 - t) eps, v = x - eps), t = sigmoid(N(0, 1)),
 AdamW lr 1e-4, betas (0.9, 0.95), weight decay 0, EMA 0.9999, global batch 256, label dropout 0.1, bf16 matmuls;
-REPA: encoder block 8 aligned through a D -> D -> D -> 768 SiLU MLP to DINOv2 ViT-B/14 patch features, weight 0.5.
-Sampling for the headline FID: Euler, 250 steps on linspace(0, 0.96, 250) + [1], CFG 2.0 (3.0 at 512 px) only where
-0.3 < t < 1 (dit_jax.diffusion.flow.FlowSampleSettings; dit_jax.sample_ddt.DDTSampler with encoder sharing).
-
-REPA is off by default here, and that is a gap against the paper: it aligns to DINOv2 features of the clean
-*image*, and our latent shards (`dit-jax extract-latents`) store VAE moments only, not the images. repa=True works
-with pixel batches (or batches carrying "images"); with latents it is refused by the config check.
+REPA: encoder block 8 aligned through a D -> D -> D -> 768 SiLU MLP to DINOv2 ViT-B/14 patch features of the clean
+image, weight 0.5. The images come from the latent shards (`extract-latents --store-images`), mirrored together
+with the latents; the DINOv2 weights from a local file (the official dinov2_vitb14_pretrain.pth; nothing is
+downloaded). Sampling for the headline FID: Euler, 250 steps on linspace(0, 0.96, 250) + [1], CFG 2.0 (3.0 at
+512 px) only where 0.3 < t < 1 (dit_jax.diffusion.flow.FlowSampleSettings; dit_jax.sample_ddt.DDTSampler with
+encoder sharing).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dit_jax.train.config_io import apply_runlocal, base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg, variant="XL/2", res=256, runlocal=False, repa=False)
+    args = parse_arg(arg, variant="XL/2", res=256, runlocal=False, repa=True)
     if args["res"] % 8:
         raise ValueError(f"res={args['res']} must be a multiple of 8 (the VAE downsamples by 8)")
     config = base_config()

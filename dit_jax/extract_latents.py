@@ -9,6 +9,10 @@ latent 0.18215 * (mean + std * eps) every step (data.source = "latents"). The ou
 `latents-00000-of-00128.array_record` (+ `.json` sidecars), each written atomically: an interrupted run is
 resumed by running the same command, which skips the finished shards. Several processes (or hosts) split the
 shards with --process-index / --process-count. Unreadable images are skipped and counted.
+
+--store-images also keeps each centre-cropped image (uint8) in its record: REPA (DDT's recipe,
+configs/ddt_imagenet.py) aligns to DINOv2 features of the clean image, so training DDT with REPA on latents needs
+them. They cost 3 bytes a pixel: ~250 GB more for ImageNet at 256 px.
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ def _encoder(vae: Any) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
 
 
 def _shard_records(
-    source: Any, indices: range, decode: Any, encode: Callable, batch_size: int, flip: bool, stats: dict
-) -> Iterator[tuple]:
+    source: Any, indices: range, decode: Any, encode: Callable, batch_size: int, flip: bool, stats: dict,
+    store_images: bool = False,
+) -> Iterator[dict]:
     """Decode, crop and encode the records of one shard in batches; yields write_latents records."""
     for start in range(indices.start, indices.stop, batch_size):
         elems = [decode.map(source[i]) for i in range(start, min(start + batch_size, indices.stop))]
@@ -70,9 +75,11 @@ def _shard_records(
         if flip:
             mean_f, logvar_f = encode(xb[:, :, ::-1])
         for j, e in enumerate(good):
-            rec = (mean[j], logvar[j], int(e["y"]))
+            rec = dict(mean=mean[j], logvar=logvar[j], label=int(e["y"]))
             if flip:
-                rec = rec + (mean_f[j], logvar_f[j])
+                rec.update(mean_flip=mean_f[j], logvar_flip=logvar_f[j])
+            if store_images:
+                rec["image"] = x[j]  # the uint8 crop the moments encode (unflipped)
             yield rec
         stats["encoded"] += n
 
@@ -85,6 +92,7 @@ def extract(
     image_size: int,
     batch_size: int = 64,
     flip: bool = True,
+    store_images: bool = False,
     num_shards: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
@@ -92,8 +100,9 @@ def extract(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Encode `source` (records {"key", "label", "image" | "data"} as dit_jax.data.sources give) into shards in
-    `out_dir`. Returns {"shards_written", "shards_skipped", "encoded", "bad_records"}."""
-    from dit_jax.data.latents import write_latents
+    `out_dir`; store_images also writes each uint8 crop into its record (for REPA). Returns {"shards_written",
+    "shards_skipped", "encoded", "bad_records"}."""
+    from dit_jax.data.latents import read_latents_meta, write_latents
     from dit_jax.data.transforms import DecodeImage
 
     if image_size % 8:
@@ -113,12 +122,17 @@ def extract(
     for k, s in enumerate(mine):
         path = shard_path(out_dir, s, num_shards)
         if path.exists() and Path(str(path) + ".json").exists():
+            done = read_latents_meta(path)
+            if bool(done.get("images", False)) != store_images or bool(done.get("flip")) != flip:
+                raise ValueError(
+                    f"{path} was written with flip={done.get('flip')}, images={done.get('images', False)}; this run "
+                    f"asks for flip={flip}, images={store_images}: use a new --out (or delete the old shards)")
             stats["shards_skipped"] += 1
             continue
         indices = range(s * per_shard, min((s + 1) * per_shard, n))
         if len(indices) == 0:
             continue
-        records = _shard_records(source, indices, decode, encode, batch_size, flip, stats)
+        records = _shard_records(source, indices, decode, encode, batch_size, flip, stats, store_images)
         shard_meta = dict(meta or {}, image_size=image_size, scale=SD_VAE_SCALE, shard=s, num_shards=num_shards,
                           source=repr(source))
         write_latents(path, records, meta=shard_meta)
@@ -143,6 +157,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-flip", action="store_true", help="do not also encode the mirrored images")
+    p.add_argument("--store-images", action="store_true",
+                   help="also store each uint8 centre crop (REPA needs the clean images; 3 bytes a pixel)")
     p.add_argument("--num-shards", type=int, default=None, help="default: one per 10,000 images")
     p.add_argument("--process-index", type=int, default=None)
     p.add_argument("--process-count", type=int, default=None)
@@ -166,12 +182,16 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, ImportError) as e:
         print(f"dit-jax extract-latents: error: {e}", file=sys.stderr)
         return 2
-    stats = extract(
-        source, vae, args.out, image_size=args.image_size, batch_size=args.batch_size, flip=not args.no_flip,
-        num_shards=args.num_shards,
-        process_index=jax.process_index() if args.process_index is None else args.process_index,
-        process_count=jax.process_count() if args.process_count is None else args.process_count,
-        meta=dict(vae=str(args.vae)),
-    )
+    try:
+        stats = extract(
+            source, vae, args.out, image_size=args.image_size, batch_size=args.batch_size, flip=not args.no_flip,
+            store_images=args.store_images, num_shards=args.num_shards,
+            process_index=jax.process_index() if args.process_index is None else args.process_index,
+            process_count=jax.process_count() if args.process_count is None else args.process_count,
+            meta=dict(vae=str(args.vae)),
+        )
+    except ValueError as e:  # e.g. finished shards written with other options
+        print(f"dit-jax extract-latents: error: {e}", file=sys.stderr)
+        return 2
     print(f"done: {stats}; train with --config.data.source=latents --config.data.path={args.out}")
     return 0

@@ -355,6 +355,95 @@ def test_latents_iterator_flip_and_bad_records(tmp_path, caplog):
     assert it.stats()["bad_examples"] == [f"{d / 'b.array_record'} record 2"]
 
 
+def with_images(recs, size=6):
+    """Dict records carrying a uint8 image: channel 0 holds the record id, column 0 of channel 1 is 255 (a marker
+    that shows which way the image faces)."""
+    out = []
+    for i, (mean, logvar, label, *flip) in enumerate(recs):
+        image = np.zeros((size, size, 3), np.uint8)
+        image[..., 0] = i
+        image[:, 0, 1] = 255
+        rec = dict(mean=mean, logvar=logvar, label=label, image=image)
+        if flip:
+            rec.update(mean_flip=flip[0], logvar_flip=flip[1])
+        out.append(rec)
+    return out
+
+
+def test_latents_carry_their_images_mirrored_with_the_moments(tmp_path):
+    """REPA on latents: stored images come out with the record they belong to, mirrored exactly when the flipped
+    moments were picked; bad records drop their image too; a resume replays images exactly; latents without
+    images are refused when images are asked for."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    recs = with_images(make_latents(24, flip=True))
+    path = tmp_path / "img.array_record"
+    meta = write_latents(path, recs, meta=dict(image_size=48))
+    assert meta["images"] is True and meta["image_shape"] == [6, 6, 3]
+    r = decode_latent_record(encode_latent_record(recs[3]["mean"], recs[3]["logvar"], 3, image=recs[3]["image"]))
+    np.testing.assert_array_equal(r["image"], recs[3]["image"])
+    with pytest.raises(ValueError, match="uint8"):
+        encode_latent_record(recs[0]["mean"], recs[0]["logvar"], 0, image=recs[0]["image"].astype(np.float32))
+    with pytest.raises(ValueError, match="image shape"):  # every record has its image, or none does
+        write_latents(tmp_path / "mixed.array_record", [recs[0], {k: v for k, v in recs[1].items() if k != "image"}],
+                      meta={})
+    # a second file with one record that has no image (a bad record when images are asked for)
+    w = ArrayRecordWriter(str(tmp_path / "z.array_record"), "group_size:1")
+    for i, rec in enumerate(with_images(make_latents(4, flip=True, seed=1))):
+        image = None if i == 1 else rec["image"]
+        w.write(encode_latent_record(rec["mean"] + 100, rec["logvar"], rec["label"], rec["mean_flip"],
+                                     rec["logvar_flip"], image=image))
+    w.close()
+    (tmp_path / "z.array_record.json").write_text(json.dumps(dict(meta, count=4)))
+
+    c = cfg(source="latents", path=str(tmp_path / "*.array_record"), image_size=48, random_flip=True)
+
+    def make():
+        return make_train_iterator(c, global_batch=5, seed=3, process_index=0, process_count=1, with_images=True)
+
+    it = make()
+    assert it.element_spec["images"] == ((5, 6, 6, 3), np.dtype(np.uint8))
+    batches = take(it, 11)  # two epochs of 27 good records
+    assert it.stats()["bad_records"] == 2
+    seen = set()
+    for b in batches:
+        assert b["images"].shape == (5, 6, 6, 3) and b["images"].dtype == np.uint8
+        for x, image in zip(b["x"], b["images"]):
+            rid = int(x[0, 0, 0])
+            flipped = rid < 0
+            rid = -1 - rid if flipped else rid
+            if rid >= 100:  # the second file: the image's id channel restarts at 0
+                assert int(image[0, 0, 0]) == rid - 100 and rid != 101
+            else:
+                assert int(image[0, 0, 0]) == rid
+            marker_col = 5 if flipped else 0  # the image faces the way the moments do
+            assert (image[:, marker_col, 1] == 255).all() and (image[:, 5 - marker_col, 1] == 0).all()
+            seen.add((rid, flipped))
+    assert any(f for _, f in seen) and any(not f for _, f in seen)
+    # exact resume, images included, from inside a batch that lost a bad record
+    for cut in (1, 3, 6):
+        a = make()
+        take(a, cut)
+        state = json.loads(json.dumps(a.get_state()))
+        assert state["images"] is True
+        more = take(a, 4)
+        b = make()
+        b.set_state(state)
+        for p, q in zip(more, take(b, 4)):
+            for k in ("x", "y", "images"):
+                np.testing.assert_array_equal(p[k], q[k])
+    # without with_images the batches are as before, and a state from the images pipeline does not fit
+    plain = make_train_iterator(c, global_batch=5, seed=3, process_index=0, process_count=1)
+    assert set(next(plain)) == {"x", "y"}
+    with pytest.raises(ValueError, match="images"):
+        plain.set_state(state)
+    # latents extracted without images cannot feed REPA
+    write_latents(tmp_path / "noimg" / "a.array_record", make_latents(8), meta={})
+    with pytest.raises(ValueError, match="--store-images"):
+        make_train_iterator(cfg(source="latents", path=str(tmp_path / "noimg")), global_batch=4, seed=0,
+                            process_index=0, process_count=1, with_images=True)
+
+
 # ------------------------------------------------------------------------------------- resume, sharding
 def _resume_check(make, n, cuts):
     skips = []

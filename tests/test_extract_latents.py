@@ -73,3 +73,55 @@ def test_train_on_extracted_latents(tmp_path):
     ])
     out = train(cfg, tmp_path / "run")
     assert out["step"] == 3 and np.isfinite(out["metrics"]["loss"])
+
+
+def test_store_images_keeps_the_crop_and_a_rerun_must_match(tmp_path):
+    """--store-images: each record holds the uint8 centre crop its moments encode; resuming into shards written
+    with other options is refused."""
+    from dit_jax.data.latents import decode_latent_record
+    from dit_jax.data.sources import ImageFolderSource
+    from dit_jax.data.transforms import DecodeImage
+
+    make_folder(tmp_path / "imgs")
+    src = ImageFolderSource(tmp_path / "imgs")
+    out = tmp_path / "lat"
+    extract(src, small_vae(), out, image_size=32, batch_size=4, store_images=True, num_shards=1, progress=False)
+    lat = LatentsSource(out)
+    assert lat.has_images and lat.image_shape == (32, 32, 3) and read_latents_meta(shard_path(out, 0, 1))["images"]
+    for k in range(len(lat)):  # the permutation-free shard keeps the source order, minus the broken file
+        rec = decode_latent_record(lat[k]["data"])
+        img = DecodeImage(32, 3).map(src[k])["x"]
+        np.testing.assert_array_equal(rec["image"], img)
+        assert rec["image"].dtype == np.uint8 and int(rec["label"]) == int(src[k]["label"])
+    with pytest.raises(ValueError, match="new --out"):
+        extract(src, small_vae(), out, image_size=32, batch_size=4, store_images=False, num_shards=1, progress=False)
+
+
+@pytest.mark.slow
+def test_ddt_with_repa_trains_on_latents_with_stored_images(tmp_path):
+    """configs/ddt_imagenet.py (REPA on, the paper's recipe) on extracted latents: with stored images it trains and
+    logs the REPA term; latents without images are refused with a message that names --store-images; a fresh run
+    with DINOv2 but no encoder_path is refused before any work."""
+    from dit_jax.data.sources import ImageFolderSource
+    from dit_jax.train.config_io import ConfigError, load_config
+    from dit_jax.train.loop import train
+
+    make_folder(tmp_path / "imgs", n_per_class=4)
+    vae = small_vae()
+    extract(ImageFolderSource(tmp_path / "imgs"), vae, tmp_path / "lat", image_size=32, batch_size=8, num_shards=1,
+            store_images=True, progress=False)
+    extract(ImageFolderSource(tmp_path / "imgs"), vae, tmp_path / "plain", image_size=32, batch_size=8,
+            num_shards=1, progress=False)
+    overrides = ["model.num_classes=2", "data.num_classes=2", "train.steps=3", "train.global_batch=8",
+                 "train.log_every=1", "train.ckpt_every=3"]
+    spec = "configs/ddt_imagenet.py:variant=S/2,res=32,runlocal=True"
+    cfg = load_config(spec, [f"data.path={tmp_path / 'lat'}", *overrides])
+    assert cfg.repa.weight == 0.5 and cfg.repa.encoder == "random"
+    out = train(cfg, tmp_path / "run")
+    m = out["metrics"]
+    assert out["step"] == 3 and np.isfinite(m["loss"]) and 0 < m["repa_loss"] <= 2 and m["fm_loss"] > 0
+    with pytest.raises(ConfigError, match="--store-images"):
+        train(load_config(spec, [f"data.path={tmp_path / 'plain'}", *overrides]), tmp_path / "run2")
+    with pytest.raises(ConfigError, match="encoder_path"):
+        train(load_config(spec, [f"data.path={tmp_path / 'lat'}", "repa.encoder=dinov2_vitb14", "repa.proj_dim=768",
+                                 *overrides]), tmp_path / "run3")

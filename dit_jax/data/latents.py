@@ -15,15 +15,23 @@ random access reads one record at a time):
                       posterior std is small (~1e-2 of the mean), comparable to float16's rounding of
                       the mean, so float16 storage is an explicit opt-in, dtype="float16"),
     "label":          int,
-    optionally "mean_flip", "logvar_flip": the moments of the horizontally flipped image.
+    optionally "mean_flip", "logvar_flip": the moments of the horizontally flipped image,
+    optionally "image": uint8 (H, W, 3), the centre-cropped image the moments encode (for REPA, whose
+                      target encoder reads the clean image; `extract-latents --store-images`).
 - a JSON sidecar `<path>.json` with the metadata: format, count, latent_shape [h, w, C], dtype, flip
-  (whether every record has the flipped moments), scale (0.18215 unless given), and whatever the
-  caller passes (vae name, image_size, ...). Both files are written atomically (temp, then rename).
+  (whether every record has the flipped moments), images (whether every record has its image),
+  image_shape [H, W, 3] when it does, scale (0.18215 unless given), and whatever the caller passes (vae
+  name, image_size, ...). Both files are written atomically (temp, then rename).
+
+Storage: an fp32 record at 256 px with flip is 64 KiB; its image adds 192 KiB (ImageNet's 1.28M train
+images: ~84 GB of moments, ~250 GB more with images).
 
 Horizontal flip: a latent cannot be flipped after encoding (the VAE is not equivariant to mirroring),
 so `dit-jax extract-latents` can encode both orientations and store the flipped one's moments in the
 same record. At training time, with random_flip on, DecodeLatents picks one orientation per record
 with probability 0.5 (grain's per-record rng); records without flip moments always give the original.
+A stored image is mirrored together with the moments, so REPA's target always sees the image the
+latent encodes.
 """
 
 from __future__ import annotations
@@ -67,9 +75,12 @@ def encode_latent_record(
     mean_flip: np.ndarray | None = None,
     logvar_flip: np.ndarray | None = None,
     *,
+    image: np.ndarray | None = None,
     dtype: str | np.dtype = "float32",
 ) -> bytes:
-    """One record's bytes: msgpack of {mean, logvar, label[, mean_flip, logvar_flip]}."""
+    """One record's bytes: msgpack of {mean, logvar, label[, mean_flip, logvar_flip][, image]}.
+
+    image: uint8 (H, W, 3), the (unflipped) image the moments encode."""
     dtype = np.dtype(dtype)
     arrays: dict[str, Any] = dict(mean=np.asarray(mean, dtype), logvar=np.asarray(logvar, dtype), label=int(label))
     if arrays["mean"].shape != arrays["logvar"].shape or arrays["mean"].ndim != 3:
@@ -82,11 +93,16 @@ def encode_latent_record(
         for k in _FLIP_KEYS:
             if arrays[k].shape != arrays["mean"].shape:
                 raise ValueError(f"{k} has shape {arrays[k].shape}, mean has {arrays['mean'].shape}")
+    if image is not None:
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"a stored image is uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        arrays["image"] = np.ascontiguousarray(image)
     return serialization.msgpack_serialize(arrays)
 
 
 def decode_latent_record(data: bytes) -> dict[str, np.ndarray]:
-    """Record bytes -> {"mean", "logvar", "label"[, "mean_flip", "logvar_flip"]} (read-only arrays)."""
+    """Record bytes -> {"mean", "logvar", "label"[, "mean_flip", "logvar_flip"][, "image"]} (read-only arrays)."""
     rec = serialization.msgpack_restore(data)
     if not isinstance(rec, dict) or not {"mean", "logvar", "label"} <= rec.keys():
         raise ValueError("not a latent record (expected a map with mean, logvar and label)")
@@ -94,16 +110,18 @@ def decode_latent_record(data: bytes) -> dict[str, np.ndarray]:
 
 
 def _as_record_tuple(rec: Any) -> tuple:
+    """-> (mean, logvar, label, mean_flip, logvar_flip, image), absent parts None."""
     if isinstance(rec, Mapping):
-        return (rec["mean"], rec["logvar"], rec["label"], rec.get("mean_flip"), rec.get("logvar_flip"))
+        return (rec["mean"], rec["logvar"], rec["label"], rec.get("mean_flip"), rec.get("logvar_flip"),
+                rec.get("image"))
     rec = tuple(rec)
     if len(rec) == 3:
-        return (*rec, None, None)
+        return (*rec, None, None, None)
     if len(rec) == 5:
-        return rec
+        return (*rec, None)
     raise ValueError(
         "a latent record is (mean, logvar, label) or (mean, logvar, label, mean_flip, logvar_flip), "
-        f"or a dict with those keys; got a tuple of {len(rec)}"
+        f"or a dict with those keys (and optionally image); got a tuple of {len(rec)}"
     )
 
 
@@ -127,9 +145,10 @@ def write_latents(
     """Write latent records to one ArrayRecord file `path` plus the JSON sidecar `<path>.json`.
 
     records: (mean (h, w, C), logvar (h, w, C), label) tuples, or 5-tuples adding (mean_flip,
-    logvar_flip), or dicts with those keys; every record must have the same shape and either all or
-    none must have the flip moments. meta: caller's metadata (e.g. vae, image_size; scale defaults to
-    0.18215); count, latent_shape, dtype, flip and format are filled in here. Returns the meta written.
+    logvar_flip), or dicts with those keys and optionally "image" (uint8 (H, W, 3)); every record must
+    have the same shapes, and either all or none must have the flip moments (and the image). meta:
+    caller's metadata (e.g. vae, image_size; scale defaults to 0.18215); count, latent_shape, dtype,
+    flip, images, image_shape and format are filled in here. Returns the meta written.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -139,19 +158,23 @@ def write_latents(
     if dtype not in (np.dtype("float32"), np.dtype("float16")):
         raise ValueError(f"latents are stored as float32 or float16, not {dtype}")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    count, shape, flip = 0, None, None
+    count, shape, flip, image_shape = 0, None, None, None
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
     try:
         for rec in records:
-            mean, logvar, label, mean_flip, logvar_flip = _as_record_tuple(rec)
+            mean, logvar, label, mean_flip, logvar_flip, image = _as_record_tuple(rec)
             has_flip = mean_flip is not None
+            this_image = None if image is None else tuple(np.shape(image))
             if flip is None:
-                flip, shape = has_flip, tuple(np.shape(mean))
+                flip, shape, image_shape = has_flip, tuple(np.shape(mean)), this_image
             if has_flip != flip:
                 raise ValueError(f"record {count}: either every record has the flip moments or none does")
             if tuple(np.shape(mean)) != shape:
                 raise ValueError(f"record {count} has latent shape {np.shape(mean)}, the first had {shape}")
-            writer.write(encode_latent_record(mean, logvar, label, mean_flip, logvar_flip, dtype=dtype))
+            if this_image != image_shape:
+                raise ValueError(f"record {count} has image shape {this_image}, the first had {image_shape} "
+                                 "(every record stores its image, or none does)")
+            writer.write(encode_latent_record(mean, logvar, label, mean_flip, logvar_flip, image=image, dtype=dtype))
             count += 1
         writer.close()
         if count == 0:
@@ -166,7 +189,10 @@ def write_latents(
         raise
     full = dict(meta)
     full.setdefault("scale", LATENT_SCALE)
-    full.update(format=FORMAT, count=count, latent_shape=list(shape), dtype=dtype.name, flip=bool(flip))
+    full.update(format=FORMAT, count=count, latent_shape=list(shape), dtype=dtype.name, flip=bool(flip),
+                images=image_shape is not None)
+    if image_shape is not None:
+        full["image_shape"] = list(image_shape)
     _write_json_atomic(Path(f"{path}.json"), full)
     return full
 
@@ -229,7 +255,8 @@ class LatentsSource:
     """A grain random-access source over one or several latent ArrayRecord files.
 
     Records are {"key", "data": record bytes}; DecodeLatents turns them into training elements. The
-    sidecars must agree on latent_shape, dtype and flip, and their counts must match the files.
+    sidecars must agree on latent_shape, dtype, flip, scale and images, and their counts must match the
+    files. `has_images`: every record stores its uint8 image (of `image_shape`).
     """
 
     def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike]):
@@ -239,7 +266,7 @@ class LatentsSource:
         metas = [read_latents_meta(p) for p in self.paths]
         first = metas[0]
         for p, m in zip(self.paths[1:], metas[1:]):
-            for k in ("latent_shape", "dtype", "flip", "scale"):
+            for k in ("latent_shape", "dtype", "flip", "scale", "images", "image_shape"):
                 if m.get(k) != first.get(k):
                     raise ValueError(
                         f"latent files disagree on {k}: {self.paths[0]} has {first.get(k)!r}, {p} has {m.get(k)!r}"
@@ -264,6 +291,14 @@ class LatentsSource:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.meta["latent_shape"])
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.meta.get("images", False))  # files written before images existed have no key
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        return tuple(self.meta["image_shape"]) if self.has_images else None
 
     def __len__(self) -> int:
         return len(self._source)
@@ -290,21 +325,33 @@ class LatentsSource:
 
 
 class DecodeLatents(grain.RandomMapTransform):
-    """{"key", "data"} -> {"key", "x": float32 (h, w, 2C) = [mean | logvar], "y", "ok"}.
+    """{"key", "data"} -> {"key", "x": float32 (h, w, 2C) = [mean | logvar], "y", "ok"[, "images"]}.
 
     With flip=True and a record holding the flipped image's moments, picks that orientation with
-    probability 0.5 (grain's per-record rng: deterministic for a seed). Undecodable records or records
-    of the wrong shape give ok=False (dropped and counted by the iterator).
+    probability 0.5 (grain's per-record rng: deterministic for a seed). With image_shape given, also
+    returns the record's stored image as "images", uint8 (H, W, 3), mirrored when the flipped moments
+    were picked. Undecodable records, records of the wrong shape or without an image when one is asked
+    for give ok=False (dropped and counted by the iterator).
     """
 
-    def __init__(self, latent_shape: Sequence[int], flip: bool = False, num_classes: int | None = None):
+    def __init__(
+        self,
+        latent_shape: Sequence[int],
+        flip: bool = False,
+        num_classes: int | None = None,
+        image_shape: Sequence[int] | None = None,
+    ):
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.flip = bool(flip)
         self.num_classes = num_classes
+        self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
 
     def _bad(self, key: int) -> dict[str, Any]:
         h, w, c = self.latent_shape
-        return dict(key=np.int64(key), x=np.zeros((h, w, 2 * c), np.float32), y=np.int32(0), ok=np.bool_(False))
+        out = dict(key=np.int64(key), x=np.zeros((h, w, 2 * c), np.float32), y=np.int32(0), ok=np.bool_(False))
+        if self.image_shape is not None:
+            out["images"] = np.zeros(self.image_shape, np.uint8)
+        return out
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         key = int(element["key"])
@@ -313,14 +360,24 @@ class DecodeLatents(grain.RandomMapTransform):
         try:
             rec = decode_latent_record(element["data"])
             mean, logvar, label = rec["mean"], rec["logvar"], int(rec["label"])
-            if self.flip and "mean_flip" in rec and rng.random() < 0.5:
+            flipped = self.flip and "mean_flip" in rec and rng.random() < 0.5
+            if flipped:
                 mean, logvar = rec["mean_flip"], rec["logvar_flip"]
             if mean.shape != self.latent_shape or logvar.shape != self.latent_shape:
                 raise ValueError(f"shape {mean.shape}/{logvar.shape}, expected {self.latent_shape}")
+            image = None
+            if self.image_shape is not None:
+                image = rec["image"]  # KeyError: a record without its image is a bad record
+                if image.shape != self.image_shape or image.dtype != np.uint8:
+                    raise ValueError(f"image {image.dtype} {image.shape}, expected uint8 {self.image_shape}")
+                image = np.ascontiguousarray(image[:, ::-1]) if flipped else image
         except Exception as e:  # noqa: BLE001: a corrupt record is skipped and counted
             log.debug("latent record %d failed to decode: %s", key, e)
             return self._bad(key)
         if self.num_classes is not None and not 0 <= label < self.num_classes:
             raise ValueError(f"latent record {key} has label {label}, outside [0, {self.num_classes})")
         x = np.concatenate([mean, logvar], axis=-1).astype(np.float32)
-        return dict(key=np.int64(key), x=x, y=np.int32(label), ok=np.bool_(True))
+        out = dict(key=np.int64(key), x=x, y=np.int32(label), ok=np.bool_(True))
+        if image is not None:
+            out["images"] = image
+        return out

@@ -2,6 +2,7 @@
 
     it = make_train_iterator(config.data, global_batch=256, seed=0)
     batch = next(it)                  # {"x": float32 (local_batch, H, W, C), "y": int32 (local_batch,)}
+                                      # (+ "images": uint8 (local_batch, H', W', 3) with with_images=True)
     state = it.get_state()            # JSON-serialisable dict; it.set_state(state) resumes exactly
     it.stats()                        # {"bad_records": int, ...}
 
@@ -42,6 +43,7 @@ __all__ = ["make_train_iterator", "TrainIterator", "build_source"]
 
 STATE_FORMAT = "dit-jax-data-v1"
 _MAX_NAMED_BAD = 10  # bad records named in warnings and in the state
+_IDENTITY_DEFAULTS = {"images": False}  # identity fields added later: what states saved before them meant
 
 
 def _get(cfg: Any, name: str, default: Any) -> Any:
@@ -67,10 +69,13 @@ class _Permuted:
         return f"Permuted({self.source!r}, seed={self.seed})"
 
 
-def build_source(data_cfg: Any, *, seed: int = 0) -> tuple[Any, list, dict[str, Any]]:
+def build_source(data_cfg: Any, *, seed: int = 0, with_images: bool = False) -> tuple[Any, list, dict[str, Any]]:
     """(record source, per-record grain transforms, info) for data_cfg.source.
 
-    info: "shape" (H, W, C) of one x, "meta" (latents metadata, else {}), "num_classes".
+    info: "shape" (H, W, C) of one x, "meta" (latents metadata, else {}), "num_classes", "image_shape"
+    (H', W', 3) of the "images" each element carries, or None. with_images: latent elements also carry
+    their stored uint8 image (REPA's target encoder reads the clean image); latents extracted without
+    images are refused. Pixel sources need nothing extra: their x is the image.
     """
     kind = _get(data_cfg, "source", "digits")
     image_size = int(_get(data_cfg, "image_size", 16 if kind == "digits" else 256))
@@ -79,6 +84,7 @@ def build_source(data_cfg: Any, *, seed: int = 0) -> tuple[Any, list, dict[str, 
     num_classes = getattr(data_cfg, "num_classes", None)
     num_classes = None if num_classes is None else int(num_classes)
     meta: dict[str, Any] = {}
+    image_shape = None
 
     if kind == "digits":
         if num_classes is not None and num_classes != 10:
@@ -132,12 +138,19 @@ def build_source(data_cfg: Any, *, seed: int = 0) -> tuple[Any, list, dict[str, 
                 "(extract them with the flip option to get DiT's horizontal-flip augmentation)",
                 path,
             )
-        ops = [DecodeLatents(source.latent_shape, flip=flip, num_classes=num_classes)]
+        if with_images:
+            if not source.has_images:
+                raise ValueError(
+                    f"REPA reads the clean images, and the latents at {str(path)!r} were extracted without them: "
+                    "re-run `dit-jax extract-latents` with --store-images, or train with repa.weight=0"
+                )
+            image_shape = source.image_shape
+        ops = [DecodeLatents(source.latent_shape, flip=flip, num_classes=num_classes, image_shape=image_shape)]
         h, w, c = source.latent_shape
         shape = (h, w, 2 * c)
     else:
         raise ValueError(f"unknown data.source {kind!r}; expected 'digits', 'tfds', 'folder' or 'latents'")
-    return source, ops, dict(shape=shape, meta=meta, num_classes=num_classes, kind=kind)
+    return source, ops, dict(shape=shape, meta=meta, num_classes=num_classes, kind=kind, image_shape=image_shape)
 
 
 def _tfds_num_classes(source: TfdsSource) -> int | None:
@@ -148,7 +161,7 @@ def _tfds_num_classes(source: TfdsSource) -> int | None:
 
 
 class TrainIterator:
-    """Infinite iterator of local batches {"x", "y"} with exact get_state/set_state and stats().
+    """Infinite iterator of local batches {"x", "y"[, "images"]} with exact get_state/set_state and stats().
 
     Built by make_train_iterator; see the module docstring for the order and the handling of bad
     records. Also: `element_spec` (shapes and dtypes of a batch), `meta` (latents metadata),
@@ -181,6 +194,7 @@ class TrainIterator:
         self._names_before_buf: list[str] = []
         self._consecutive_bad = 0
         self._batches = 0
+        self._fields = ("x", "y") if info.get("image_shape") is None else ("x", "y", "images")
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> TrainIterator:
@@ -196,11 +210,12 @@ class TrainIterator:
         ok = np.asarray(batch["ok"], bool)
         self._bad_before_buf = self._bad
         self._names_before_buf = list(self._bad_names)
+        fields = {k: batch[k] for k in self._fields}
         if ok.all():
-            self._buf = {"x": batch["x"], "y": batch["y"]}
+            self._buf = fields
             self._consecutive_bad = 0
         else:
-            self._buf = {"x": batch["x"][ok], "y": batch["y"][ok]}
+            self._buf = {k: v[ok] for k, v in fields.items()}
             for i in np.flatnonzero(~ok):
                 self._bad += 1
                 if len(self._bad_names) < _MAX_NAMED_BAD:
@@ -222,21 +237,21 @@ class TrainIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         need = self.local_batch
-        xs: list[np.ndarray] = []
-        ys: list[np.ndarray] = []
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in self._fields}
         while need:
             if self._buf is None or self._pos >= len(self._buf["y"]):
                 self._fetch()
                 continue
             take = min(need, len(self._buf["y"]) - self._pos)
-            xs.append(self._buf["x"][self._pos : self._pos + take])
-            ys.append(self._buf["y"][self._pos : self._pos + take])
+            for k in self._fields:
+                parts[k].append(self._buf[k][self._pos : self._pos + take])
             self._pos += take
             need -= take
         self._batches += 1
-        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        y = ys[0] if len(ys) == 1 else np.concatenate(ys)
-        return {"x": np.asarray(x, np.float32), "y": np.asarray(y, np.int32)}
+        out = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
+        out["x"] = np.asarray(out["x"], np.float32)
+        out["y"] = np.asarray(out["y"], np.int32)
+        return out
 
     # ------------------------------------------------------------------ checkpointing
     def get_state(self) -> dict[str, Any]:
@@ -263,7 +278,8 @@ class TrainIterator:
             state = json.loads(state)
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a dit-jax data iterator state (format {state.get('format')!r})")
-        diff = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+        saved = {k: state.get(k, _IDENTITY_DEFAULTS.get(k)) for k in self._identity}
+        diff = {k: (saved[k], v) for k, v in self._identity.items() if saved[k] != v}
         if diff:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"the data iterator state does not fit this pipeline ({detail})")
@@ -303,10 +319,13 @@ class TrainIterator:
 
     @property
     def element_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        return {
+        spec = {
             "x": ((self.local_batch, *self._info["shape"]), np.dtype(np.float32)),
             "y": ((self.local_batch,), np.dtype(np.int32)),
         }
+        if self._info.get("image_shape") is not None:
+            spec["images"] = ((self.local_batch, *self._info["image_shape"]), np.dtype(np.uint8))
+        return spec
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -335,6 +354,7 @@ def make_train_iterator(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    with_images: bool = False,
 ) -> TrainIterator:
     """An infinite, checkpointable iterator of this process's batches (see the module docstring).
 
@@ -342,7 +362,8 @@ def make_train_iterator(
     "folder" | "latents"), name ("imagenet2012"), split ("train"), data_dir (None), path, image_size,
     channels, random_flip, num_workers (0), num_classes, worker_buffer_size (2).
     next(it) -> {"x": float32 (global_batch // process_count, H, W, C), "y": int32}; x in [-1, 1] for
-    images, [mean | logvar] on the channel axis for latents.
+    images, [mean | logvar] on the channel axis for latents. with_images (latents only): batches also carry
+    "images", uint8 (local_batch, H', W', 3), the stored images (see build_source).
     """
     if process_index is None or process_count is None:
         import jax
@@ -361,7 +382,7 @@ def make_train_iterator(
 
     if num_workers > 0:
         _absl_flags_parsed()
-    source, ops, info = build_source(data_cfg, seed=seed)
+    source, ops, info = build_source(data_cfg, seed=seed, with_images=with_images)
     if len(source) // process_count == 0:
         raise ValueError(f"{source!r} has {len(source)} records, fewer than process_count={process_count}")
     source = _Permuted(source, seed)
@@ -391,6 +412,7 @@ def make_train_iterator(
         process_count=process_count,
         local_batch=local_batch,
         num_workers=num_workers,
+        images=info["image_shape"] is not None,
     )
     log.info(
         "data: %r, %d records per process per epoch, local batch %d, %d workers",

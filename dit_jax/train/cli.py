@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dit_jax.train.config_io import load_config
+    from dit_jax.train.config_io import ConfigError, load_config
     from dit_jax.train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -35,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, AttributeError, TypeError, FileNotFoundError) as e:
         print(f"dit-jax train: error: {e}", file=sys.stderr)
         return 2
-    summary = train(config, args.workdir)
+    try:
+        summary = train(config, args.workdir)
+    except ConfigError as e:  # raised before the first step: bad data or a missing input file
+        print(f"dit-jax train: error: {e}", file=sys.stderr)
+        return 2
     print(f"{summary['status']} at step {summary['step']}; outputs in {summary['workdir']}")
     return 0

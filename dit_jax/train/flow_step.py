@@ -6,7 +6,8 @@ DDT's (MCG-NJU/DDT stateful_flow_matching/training_repa.py):
     x_t = t x + (1 - t) eps,  t ~ sigmoid(N(0, 1)) (or U[0, 1)),  fm = mean((v - (x - eps))^2)
     loss = fm + repa.weight * mean_tokens(1 - cos(proj(h_align), stop_gradient(target_encoder(images))))
 REPA's frozen target encoder lives in state["frozen"] (never differentiated, never updated); its images are
-batch["images"] in [0, 1] when the batch has them, else the pixel-space x mapped from [-1, 1] to [0, 1].
+batch["images"] (uint8, stored beside the latents) mapped to [0, 1] when the batch has them, else the pixel-space
+x mapped from [-1, 1] to [0, 1].
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ def make_flow_loss(
         model = nnx.merge(graphdef, params, rest)
         kw = dict(train=True, rng=k_drop)
         if repa_weight:
-            images = batch["images"] if "images" in batch else (x + 1.0) / 2.0  # pixel-space x in [-1, 1]
+            if "images" in batch:  # latent batches carry the stored uint8 images (extract-latents --store-images)
+                images = batch["images"].astype(jnp.float32) / 255.0
+            elif latent_scale is None:
+                images = (x + 1.0) / 2.0  # pixel-space x in [-1, 1]
+            else:
+                raise ValueError("REPA on latent batches needs batch['images'] (the clean images)")
             if images.shape[-1] == 1:  # grey images: the target encoder takes RGB
                 images = jnp.repeat(images, 3, axis=-1)
             target = jax.lax.stop_gradient(nnx.merge(encoder_graphdef, frozen)(images))  # frozen: no gradient
@@ -80,7 +86,7 @@ def make_flow_loss(
 def make_flow_train_step(
     graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, **loss_kw: Any
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """-> train_step(state, batch); batch = {"x": (B, H, W, C), "y": (B,)[, "images": (B, h, w, 3) in [0, 1]]};
+    """-> train_step(state, batch); batch = {"x": (B, H, W, C), "y": (B,)[, "images": uint8 (B, h, w, 3)]};
     loss_kw as make_flow_loss. metrics: loss, fm_loss, repa_loss (when on), grad_norm, param_norm."""
     loss_fn = make_flow_loss(graphdef, **loss_kw)
 

@@ -25,7 +25,7 @@ from dit_jax.images import make_grid, to_uint8
 from dit_jax.sample import sample_latents
 from dit_jax.train import metrics as metrics_lib
 from dit_jax.train.checkpoint import Checkpointer
-from dit_jax.train.config_io import config_to_dict
+from dit_jax.train.config_io import ConfigError, config_to_dict
 from dit_jax.train.optim import ema_params, make_optimizer
 from dit_jax.train.sharding import (
     batch_sharding,
@@ -120,14 +120,19 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
     # ================================================================ input
-    data_iter = make_train_iterator(config.data, global_batch=global_batch, seed=config.seed)
+    flow_objective = config.objective == "flow"
+    repa_on = flow_objective and config.repa.weight > 0
     latent_scale = config.data.latent_scale if config.data.source == "latents" else None
+    # REPA's target encoder reads the clean images: latent shards must carry them (extract-latents --store-images)
+    try:
+        data_iter = make_train_iterator(config.data, global_batch=global_batch, seed=config.seed,
+                                        with_images=repa_on and latent_scale is not None)
+    except (ValueError, FileNotFoundError) as e:  # missing, mismatched or unsuitable data: say so plainly
+        raise ConfigError(f"cannot open the training data ({config.data.source}): {e}") from e
 
     # ================================================================ model and optimizer (abstract)
     optimizer = make_optimizer(config.optim)
-    flow_objective = config.objective == "flow"
     diffusion = None if flow_objective else create_diffusion(**diffusion_kwargs(config.diffusion))
-    repa_on = flow_objective and config.repa.weight > 0
     graphdef, abstract = abstract_state(config.model, optimizer, config.seed, config.repa)
     shardings = param_shardings(abstract, mesh, fsdp=bool(config.fsdp))
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
@@ -141,6 +146,10 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
             data_iter.set_state(restored.data_state)
         print(f"resumed from step {restored.step} in {ckpt.directory}", flush=True)
     else:
+        if repa_on and config.repa.encoder == "dinov2_vitb14" and not config.repa.encoder_path:
+            raise ConfigError(
+                "repa.encoder=dinov2_vitb14 needs repa.encoder_path, a local dinov2_vitb14_pretrain.pth (nothing is "
+                "downloaded); repa.encoder=random for a smoke run, or repa.weight=0 to turn REPA off")
         state = jax.jit(lambda: init_state(config.model, optimizer, config.seed, config.repa)[1],
                         out_shardings=shardings)()
         if repa_on and config.repa.encoder_path:  # the released target encoder, loaded outside jit
