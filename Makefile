@@ -13,8 +13,9 @@ $(STAMP): requirements.txt setup.py
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# DEMO_ARGS: extra `dit-jax demo` arguments, e.g. DEMO_ARGS=--workdir=/tmp/digits
 demo: venv
-	$(VENV)/bin/dit-jax demo
+	$(VENV)/bin/dit-jax demo $(DEMO_ARGS)
 
 test: venv
 	$(VENV)/bin/python -m pytest -q tests

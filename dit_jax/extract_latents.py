@@ -1,7 +1,10 @@
 """`dit-jax extract-latents`: encode a dataset with the SD VAE into ArrayRecord shards of posterior moments.
 
-    dit-jax extract-latents --vae path/to/sd-vae-ft-ema --source tfds --name imagenet2012 --split train \
+    dit-jax extract-latents --vae ema --source tfds --name imagenet2012 --split train \
         --image-size 256 --out /data/imagenet256-latents
+
+--vae ema | mse (the SD VAE, downloaded once into the weights cache, as `dit-jax sample` does) or a local
+diffusers VAE folder.
 
 Each image gets the ADM centre crop (as training from pixels would), is encoded to the VAE posterior mean and
 log-variance (and, with --flip, so is its mirror image), and written as one record; the trainer samples a fresh
@@ -148,7 +151,7 @@ def extract(
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("extract-latents", help="encode a dataset with the SD VAE into ArrayRecord shards",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", required=True, help="diffusers-format VAE folder (config.json + safetensors)")
+    p.add_argument("--vae", required=True, help="ema | mse (downloaded once into the cache) or a diffusers VAE folder")
     p.add_argument("--source", choices=("tfds", "folder"), required=True)
     p.add_argument("--name", default="imagenet2012", help="TFDS name")
     p.add_argument("--split", default="train")
@@ -167,8 +170,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dit_jax.convert.diffusers_vae import load_diffusers_vae_folder
     from dit_jax.data.sources import ImageFolderSource, TfdsSource
+    from dit_jax.weights import pretrained_vae
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -178,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             source = ImageFolderSource(args.path)
         else:
             source = TfdsSource(args.name, args.split, args.data_dir)
-        vae = load_diffusers_vae_folder(args.vae)
+        vae = pretrained_vae(args.vae)
     except (ValueError, OSError, ImportError) as e:
         print(f"dit-jax extract-latents: error: {e}", file=sys.stderr)
         return 2

@@ -10,12 +10,12 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from dit_jax.data import make_train_iterator
@@ -106,11 +106,11 @@ def flow_samples(model: nnx.Module, labels: np.ndarray, config: Any, key: jax.Ar
 def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume) in `workdir`. Returns a summary dict (final step, last metrics, paths)."""
     _maybe_initialize_distributed()
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)  # a local folder, or gs://... (Orbax writes there; logs are staged, metrics.py)
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    writer = metrics_lib.MetricWriter(str(workdir), enabled=is_main)
 
     # ================================================================ mesh
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -269,11 +269,10 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     ckpt.close()
     if progress:
         progress.close()
-    writer.flush()
-    writer.close()
-    loss_png = workdir / "loss.png"
-    if is_main and (workdir / "metrics.jsonl").exists():
-        metrics_lib.plot_loss(workdir / "metrics.jsonl", loss_png)
+    loss_png = writer.local_dir / "loss.png"
+    if is_main and writer.jsonl_path.exists():
+        metrics_lib.plot_loss(writer.jsonl_path, loss_png)
+    writer.close()  # copies a remote workdir's staged logs, loss.png included
     return dict(step=step, status=status, metrics=last, workdir=str(workdir), graphdef=graphdef, state=state,
                 compile_s=compile_s, loss_png=str(loss_png))
 

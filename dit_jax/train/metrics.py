@@ -4,6 +4,12 @@ Written only by the main host (MetricWriter(enabled=jax.process_index() == 0)). 
   tb/                           TensorBoard event files (tensorboardX)
   metrics.jsonl                 one {"step": ..., name: value, ...} per write_scalars call, appended and flushed
   samples/{name}_{step:07d}.png images (sample grids)
+
+A remote workdir (gs://..., what a TPU pod trains into): TensorBoard's writer and appends to a JSONL file need a
+local file system, so the files are written into a local staging folder ($DIT_JAX_LOCAL_LOGS, else
+~/.cache/dit_jax/logs, then the workdir's path) and copied to the workdir (etils.epath; gs:// needs gcsfs) at
+most every `sync_every_s` seconds, on flush() and on close(). A resumed run on a new machine first fetches the
+workdir's metrics.jsonl, so the log stays one file.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -66,25 +73,64 @@ class MetricWriter:
 
     enabled=False (every host but the main one) makes every method a no-op and creates nothing. Appends to an
     existing metrics.jsonl (a resumed run re-logs the steps after its last checkpoint; read_jsonl keeps both,
-    plot_loss keeps the latest value per step).
+    plot_loss keeps the latest value per step). `local_dir`: where the files are written (the workdir itself,
+    or the staging folder of a remote workdir, see the module docstring); `sync()` copies a remote one's.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, sync_every_s: float = 60.0):
+        self.remote = is_remote(workdir)
+        self.workdir = str(workdir) if self.remote else Path(workdir)
+        self.local_dir = local_staging_dir(str(workdir)) if self.remote else Path(workdir)
         self.enabled = enabled
+        self.sync_every_s = float(sync_every_s)
+        self._synced: dict[str, tuple[int, float]] = {}
+        self._last_sync = time.monotonic()
         self._tb = None
         self._jsonl = None
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # imports protobuf: only where used
 
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), flush_secs=30)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        if self.remote:
+            self._fetch_remote_jsonl()
+        self._tb = SummaryWriter(logdir=str(self.local_dir / "tb"), flush_secs=30)
+        self._jsonl = open(self.local_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def _fetch_remote_jsonl(self) -> None:
+        from etils import epath
+
+        remote = epath.Path(self.workdir) / "metrics.jsonl"
+        local = self.local_dir / "metrics.jsonl"
+        if remote.exists() and (not local.exists() or local.stat().st_size < remote.stat().length):
+            local.write_bytes(remote.read_bytes())
+
+    def sync(self) -> None:
+        """Copy the new or changed files of a remote workdir's staging folder to the workdir (no-op when local)."""
+        if not (self.enabled and self.remote):
+            return
+        from etils import epath
+
+        self._tb.flush()
+        self._jsonl.flush()
+        for path in sorted(p for p in self.local_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            rel = path.relative_to(self.local_dir).as_posix()
+            st = path.stat()
+            if self._synced.get(rel) == (st.st_size, st.st_mtime):
+                continue
+            target = epath.Path(self.workdir) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+            self._synced[rel] = (st.st_size, st.st_mtime)
+        self._last_sync = time.monotonic()
+
+    def _maybe_sync(self) -> None:
+        if self.remote and time.monotonic() - self._last_sync >= self.sync_every_s:
+            self.sync()
 
     @property
     def jsonl_path(self) -> Path:
-        return self.workdir / "metrics.jsonl"
+        return self.local_dir / "metrics.jsonl"
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One JSONL line {"step": step, **scalars} (flushed) and a TensorBoard scalar per entry.
@@ -97,6 +143,7 @@ class MetricWriter:
             self._tb.add_scalar(name, value, global_step=step)
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
+        self._maybe_sync()
 
     def write_images(self, step: int, name: str, image: Any) -> Path | None:
         """image: uint8 (H, W), (H, W, 1) or (H, W, 3). Written to TensorBoard and to
@@ -113,17 +160,20 @@ class MetricWriter:
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
             raise ValueError(f"write_images expects an (H, W[, 1|3|4]) image, got shape {arr.shape}")
         self._tb.add_image(name, arr if arr.ndim == 3 else arr[..., None], global_step=int(step), dataformats="HWC")
-        path = self.workdir / "samples" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}_{int(step):07d}.png"
+        path = self.local_dir / "samples" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}_{int(step):07d}.png"
         _atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+        self._maybe_sync()
         return path
 
     def flush(self) -> None:
         if self.enabled:
             self._tb.flush()
             self._jsonl.flush()
+            self.sync()
 
     def close(self) -> None:
         if self.enabled and self._jsonl is not None:
+            self.sync()
             self._tb.close()
             self._jsonl.close()
             self._jsonl = None
@@ -134,6 +184,18 @@ class MetricWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """gs://, s3://, ... (anything with a URL scheme), as opposed to a local path."""
+    return "://" in str(path)
+
+
+def local_staging_dir(remote: str) -> Path:
+    """The local folder a remote workdir's logs are written into before they are copied."""
+    root = Path(os.environ.get("DIT_JAX_LOCAL_LOGS") or Path.home() / ".cache" / "dit_jax" / "logs")
+    scheme, _, rest = remote.partition("://")
+    return root / scheme / rest.strip("/")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
