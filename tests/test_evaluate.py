@@ -18,7 +18,7 @@ import pytest
 from scipy import linalg
 
 from dit_jax.evaluate import fid as fid_module
-from dit_jax.evaluate.evaluator import Activations, compute_metrics
+from dit_jax.evaluate.evaluator import Activations, Evaluator, compute_metrics
 from dit_jax.evaluate.fid import FIDStatistics, compute_statistics, fid_from_images, frechet_distance
 from dit_jax.evaluate.inception_score import inception_score, inception_score_from_logits, softmax
 from dit_jax.evaluate.npz import (
@@ -366,7 +366,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys, inception, real_sqrtm):
     monkeypatch.setattr(fid_module, "_sqrtm", _memoised_sqrtm() if real_sqrtm else _fast_sqrtm)
     weights, evaluator = inception
     rng = np.random.default_rng(10)
-    samples = rng.integers(0, 256, (12, 64, 64, 3)).astype(np.uint8)  # 2 batches of 8, the last padded
+    samples = rng.integers(0, 256, (12, 64, 64, 3)).astype(np.uint8)  # one batch of 16 (8 devices), padded
     ref_images = np.clip(rng.normal(128, 40, (10, 64, 64, 3)), 0, 255).astype(np.uint8)
     # stored reference statistics that differ from what arr_0 would give, to see that they are the ones used
     ref_acts = evaluator.activations(ref_images)
@@ -376,10 +376,18 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys, inception, real_sqrtm):
     write_reference_npz(tmp_path / "ref.npz", ref_images, *stored)
 
     monkeypatch.setenv("DIT_JAX_INCEPTION_WEIGHTS", str(weights))  # the environment variable route
-    rc = main(["evaluate", str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--batch-size", "8",
+    made, real_from_file = [], Evaluator.from_file
+
+    def spy(*args, **kwargs):
+        made.append(real_from_file(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(Evaluator, "from_file", spy)
+    rc = main(["evaluate", str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--batch-size", "256",
                "--json", str(tmp_path / "m.json"), "--no-progress"])
     out = capsys.readouterr()
     assert rc == 0, out.err
+    assert made[0].batch_size == 16  # 12 samples and 10 references are not padded to 256 (16: 8 devices)
     lines = out.out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
     got = json.loads((tmp_path / "m.json").read_text())

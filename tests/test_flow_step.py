@@ -45,8 +45,8 @@ def test_repa_gradient_reaches_only_the_aligned_blocks_and_never_the_target_enco
     b = jax.tree.map(jnp.asarray, batch())
     loss_fn = make_flow_loss(graphdef, repa_weight=0.5, repa_layer=ALIGN, encoder_graphdef=enc_graphdef,
                              fm_weight=0.0)  # the REPA term alone
-    grads, frozen_grads = jax.grad(lambda p, f: loss_fn(p, f, rest, b, jax.random.key(0))[0], argnums=(0, 1))(
-        params, frozen)
+    grads, frozen_grads = jax.jit(jax.grad(lambda p, f: loss_fn(p, f, rest, b, jax.random.key(0))[0],
+                                           argnums=(0, 1)))(params, frozen)
 
     def norm(tree) -> float:
         return float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
@@ -63,7 +63,7 @@ def test_repa_gradient_reaches_only_the_aligned_blocks_and_never_the_target_enco
     assert norm(grads["repa_proj"]) > 0 and norm(grads["s_embedder"]) > 0
     # with the flow term on, the decoder trains too
     full = make_flow_loss(graphdef, repa_weight=0.5, repa_layer=ALIGN, encoder_graphdef=enc_graphdef)
-    g_full = jax.grad(lambda p: full(p, frozen, rest, b, jax.random.key(0))[0])(params)
+    g_full = jax.jit(jax.grad(lambda p: full(p, frozen, rest, b, jax.random.key(0))[0]))(params)
     assert norm(g_full["blocks"][4]) > 0 or norm(g_full["final_layer"]) > 0
 
 
@@ -115,15 +115,19 @@ def test_trainer_trains_and_resumes_a_ddt_with_repa(tmp_path):
     random ViT: losses finite, the REPA term logged, the frozen encoder checkpointed and resumed unchanged."""
     from dit_jax.train.checkpoint import Checkpointer
     from dit_jax.train.config_io import load_config
-    from dit_jax.train.loop import train
+    from dit_jax.train.loop import _flow_sampler, train
 
     overrides = ["objective=flow", "model.arch=ddt", "model.learn_sigma=False", "model.num_encoder_blocks=1",
                  "repa.weight=0.5", "repa.encoder=random", "repa.layer=1", "repa.proj_dim=24",
-                 "train.sample_every=2", "train.sample_steps=4", "train.steps=4", "train.log_every=2",
+                 "train.sample_every=1", "train.sample_steps=4", "train.steps=4", "train.log_every=2",
                  "train.ckpt_every=2"]
     cfg = load_config("configs/digits.py:runlocal=True", overrides)
+    _flow_sampler.cache_clear()
     first = train(cfg, tmp_path)
     assert first["step"] == 4
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("ema_samples_*.png"))
+    info = _flow_sampler.cache_info()  # one sampler built, then reused by the later sample events
+    assert len(grids) >= 2 and info.misses == 1 and info.hits == len(grids) - 1, (grids, info)
     m = first["metrics"]
     assert np.isfinite(m["loss"]) and 0 < m["repa_loss"] <= 2 and m["fm_loss"] > 0
     frozen_before = jax.device_get(first["state"]["frozen"])

@@ -224,7 +224,9 @@ def test_progress_runs_without_a_tty(capsys):
     err = capsys.readouterr().err
     assert "loss=0.125" in err and "a log line" in err and "100/100" in err
 
-    quiet = Progress(10)  # enabled=None: off when stderr is not a terminal (as under pytest)
+    import ipykernel  # noqa: F401: imported (as nbclient's notebook test does) is not running in a notebook
+
+    quiet = Progress(10)  # enabled=None: off when stderr is not a terminal (as under pytest) nor a notebook
     quiet.update(5, {"loss": 1.0})
     quiet.close()
     assert capsys.readouterr().err == ""

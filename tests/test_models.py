@@ -120,7 +120,7 @@ def test_pos_embed_is_fixed_not_trained():
     def loss(params):
         return jnp.mean(nnx.merge(graphdef, params, rest)(*inputs()) ** 2)
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     assert float(jnp.abs(grads["x_embedder"]["proj"]["kernel"].value).sum()) > 0
 
 
@@ -250,22 +250,24 @@ def test_scan_and_remat_equal_loop(block_type):
     base = tiny(block_type=block_type)
     randomize(base)
     x, t, y = inputs()
-    ref = base(x, t, y)
+    forward = nnx.jit(lambda m: m(x, t, y))
+    ref = forward(base)
     for scan, remat in ((True, "none"), (True, "full"), (False, "dots"), (True, "dots_no_batch")):
         other = tiny(block_type=block_type, scan_blocks=scan, remat_policy=remat, seed=5)
         if scan:
             stack_into(other, base)
         else:
             nnx.update(other, nnx.state(base))
-        np.testing.assert_allclose(other(x, t, y), ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(forward(other), ref, rtol=1e-5, atol=1e-6)
 
     def loss(m):
         return jnp.mean(m(x, t, y) ** 2)
 
-    g_ref = nnx.grad(loss)(base)
+    grad = nnx.jit(nnx.grad(loss))
+    g_ref = grad(base)
     scanned = tiny(block_type=block_type, scan_blocks=True, remat_policy="full", seed=5)
     stack_into(scanned, base)
-    g = nnx.grad(loss)(scanned)
+    g = grad(scanned)
     np.testing.assert_allclose(
         g["blocks"]["attn"]["qkv"]["kernel"].value[1], g_ref["blocks"][1]["attn"]["qkv"]["kernel"].value,
         rtol=1e-4, atol=1e-7,

@@ -466,7 +466,8 @@ def _run(command: str, spec, cwd: Path, capsys) -> None:
             argv = ["make", "-C", str(REPO), *argv[1:], f"DEMO_ARGS=--workdir={cwd}/runs/digits"]
         elif argv[0] == "python":
             argv = [sys.executable, *argv[1:]]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        # a user's shell: one CPU device, not the 8 simulated ones conftest.py gives this process
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(REPO)}
         proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, f"{command}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
         out = proc.stdout + proc.stderr

@@ -91,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
             print(msg, file=sys.stderr, flush=True)
 
         say(f"loading Inception weights from {weights}")
-        evaluator = Evaluator.from_file(str(weights), batch_size=args.batch_size, progress=args.progress,
+        # no batch bigger than the larger file: a few hundred samples are not padded to --batch-size images
+        batch_size = min(args.batch_size, max(shapes["samples"][0], shapes["reference"][0]))
+        evaluator = Evaluator.from_file(str(weights), batch_size=batch_size, progress=args.progress,
                                         estimator=ManifoldEstimator(distance_dtype=args.pr_distance_dtype))
         metrics = evaluate_npz(args.samples, args.reference, evaluator, log=say)
     except (ValueError, OSError, ImportError) as e:  # NpzFormatError, CheckpointReadError/MismatchError: ValueError

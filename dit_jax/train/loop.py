@@ -6,6 +6,7 @@ compiled) -> checkpointing -> train loop (metrics, NaN guard, checkpoints, preem
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -69,13 +70,12 @@ def train_flops_per_example(config: Any) -> float:
 
 def sample_grid(graphdef: nnx.GraphDef, params: dict, rest: dict, config: Any, key: jax.Array) -> np.ndarray:
     """EMA samples: sample_per_class rows? -> (labels, uint8 images (N, H, W, C)), one class per row."""
-    model = nnx.merge(graphdef, params, rest)
     n_cls = min(config.train.sample_num_classes, config.model.num_classes)
     labels = np.repeat(np.arange(n_cls), config.train.sample_per_class)
     if config.objective == "flow":
-        return labels, to_uint8(np.clip(flow_samples(model, labels, config, key), -1, 1))
+        return labels, to_uint8(np.clip(flow_samples(graphdef, (params, rest), labels, config, key), -1, 1))
     x = sample_latents(
-        model,
+        nnx.merge(graphdef, params, rest),
         labels,
         key=key,
         num_steps=config.train.sample_steps,
@@ -86,21 +86,36 @@ def sample_grid(graphdef: nnx.GraphDef, params: dict, rest: dict, config: Any, k
     return labels, to_uint8(x)
 
 
-def flow_samples(model: nnx.Module, labels: np.ndarray, config: Any, key: jax.Array) -> np.ndarray:
-    """Euler samples of a flow model (DDT, or a DiT read as a velocity model) with guidance on every channel."""
+def flow_samples(graphdef: nnx.GraphDef, state: Any, labels: np.ndarray, config: Any, key: jax.Array) -> np.ndarray:
+    """Euler samples of a flow model (DDT, or a DiT read as a velocity model) with guidance on every channel.
+
+    state: the model's state (a tuple of nnx.State parts is merged in order). The sampler is compiled once per
+    (graph, settings), so the trainer's periodic sample grids do not recompile.
+    """
     settings = flow.FlowSampleSettings(num_steps=config.train.sample_steps, cfg_scale=config.train.sample_cfg_scale)
-    scale = float(config.flow.time_scale)
-    c = config.model.in_channels
-
-    def model_fn(x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
-        out = model(x, t * scale, y)
-        return out[0] if isinstance(out, tuple) else out[..., :c]
-
-    side = config.model.input_size
-    labels_j = jnp.asarray(labels, jnp.int32)
+    sampler = _flow_sampler(graphdef, settings, float(config.flow.time_scale), config.model.in_channels,
+                            config.model.num_classes)
+    side, c = config.model.input_size, config.model.in_channels
     noise = jax.random.normal(key, (len(labels), side, side, c), jnp.float32)
-    velocity = flow.guided_velocity(model_fn, labels_j, config.model.num_classes, settings)
-    return np.asarray(jax.jit(lambda z: flow.sample(velocity, z, settings))(noise))
+    return np.asarray(sampler(state, noise, jnp.asarray(labels, jnp.int32)))
+
+
+@functools.lru_cache(maxsize=4)
+def _flow_sampler(graphdef: nnx.GraphDef, settings: flow.FlowSampleSettings, time_scale: float, channels: int,
+                  num_classes: int) -> Any:
+    """jit((state, noise (N, H, W, C), labels (N,)) -> samples (N, H, W, C))."""
+
+    def run(state: Any, noise: jax.Array, labels: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, *(state if isinstance(state, tuple) else (state,)))
+
+        def model_fn(x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+            out = model(x, t * time_scale, y)
+            return out[0] if isinstance(out, tuple) else out[..., :channels]
+
+        velocity = flow.guided_velocity(model_fn, labels, num_classes, settings)
+        return flow.sample(velocity, noise, settings)
+
+    return jax.jit(run)
 
 
 def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:

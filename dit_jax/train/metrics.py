@@ -244,6 +244,18 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={_format_value(v)}" for k, v in metrics.items())
 
 
+def _in_notebook() -> bool:
+    """True inside a running Jupyter/Colab kernel (not merely when ipykernel was imported, as nbclient does)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:  # noqa: BLE001: an IPython too old or half-imported means no notebook
+        return False
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 class Progress:
     """A tqdm bar (rate and ETA) whose postfix shows the latest metrics.
 
@@ -255,7 +267,7 @@ class Progress:
         from tqdm.auto import tqdm
 
         if enabled is None:
-            enabled = sys.stderr.isatty() or "ipykernel" in sys.modules  # a terminal or a notebook
+            enabled = sys.stderr.isatty() or _in_notebook()
         self._bar = tqdm(
             total=int(total_steps), initial=int(initial), desc=desc, unit="step", dynamic_ncols=True,
             disable=not enabled, smoothing=0.1,
