@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import recompute_mask
@@ -86,6 +88,40 @@ class DDTSampler:
             if collect_states:
                 states.append(np.asarray(state))
         return (x, states) if collect_states else x
+
+
+class KeyedDDTSampler:
+    """`dit-jax sample-fid`'s sampler interface over a DDTSampler, batch-sharded over `mesh`:
+
+        latents = KeyedDDTSampler(DDTSampler(model, settings), mesh)(labels, example_keys(seed, indices))
+
+    Example i starts from normal(keys[i], (H, W, C)), so a sample depends on its key and label only, not on the
+    batch size, the device count or where an interrupted run resumed. A batch is padded up to a multiple of the
+    device count (padding examples repeat example 0 and are dropped)."""
+
+    def __init__(self, sampler: DDTSampler, model: DDT, mesh: Mesh):
+        self.sampler, self.mesh = sampler, mesh
+        self.num_classes = model.num_classes
+        self.batch_sharding = NamedSharding(mesh, P("data"))
+        sampler.state = jax.device_put(sampler.state, NamedSharding(mesh, P()))
+        shape = (model.input_size, model.input_size, model.in_channels)
+        self._noise = jax.jit(jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32)),
+                              out_shardings=self.batch_sharding)
+
+    def __call__(self, labels: Any, keys: jax.Array) -> jax.Array:
+        """labels (n,) ints in [0, num_classes), keys (n,) -> latents (n, H, W, C) float32 at t = 1."""
+        labels = np.asarray(labels)
+        n = labels.shape[0]
+        if labels.ndim != 1 or keys.shape[0] != n:
+            raise ValueError(f"labels must be 1-D with one key each; got labels {labels.shape}, keys {keys.shape}")
+        if n and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must be in [0, {self.num_classes}); got min {labels.min()}, max {labels.max()}")
+        pad = (-n) % self.mesh.size
+        if pad:
+            labels = np.concatenate([labels, np.repeat(labels[:1], pad)])
+            keys = jnp.concatenate([keys, jnp.repeat(keys[:1], pad, axis=0)])
+        noise = self._noise(jax.device_put(keys, self.batch_sharding))
+        return self.sampler(jax.device_put(labels.astype(np.int32), self.batch_sharding), noise)[:n]
 
 
 def load_ddt(variant: str, image_size: int, ckpt: str | None = None, *, which: str = "ema",

@@ -2,19 +2,27 @@
 
     dit-jax sample-ddt --ckpt DDT-XL-22en6de-R256.ckpt --labels 207,360,387,974 --out ddt.png
     dit-jax sample-ddt --ckpt DDT-XL-22en6de-R256.ckpt --schedule ddt_xl_250_k62.json     # shared encoder
+    dit-jax sample-ddt --ckpt DDT-XL-22en6de-R256.ckpt --num-samples 50000 --sample-dir samples   # for FID
+    dit-jax evaluate samples/DDT-XL-2-size-256-vae-ema-cfg-2.0-steps-250-encoder-250-seed-0.npz VIRTUAL_imagenet256_labeled.npz
 
 Defaults are the paper's headline sampler (MCG-NJU/DDT configs): Euler, 250 steps on linspace(0, 0.96, 250) + [1],
 CFG 2.0 at 256 px (3.0 at 512 px) only where 0.3 < t < 1, on every channel; sd-vae-ft-ema to decode. --schedule
 takes a file from `dit-jax ddt-schedule` (or --refresh-rate R for uniform sharing); without either the encoder
 runs every step. --random-init samples an untrained DDT (a smoke run; with --vae a local diffusers folder nothing is
 downloaded).
+
+--num-samples N writes N samples for FID instead of a grid, exactly as `dit-jax sample-fid` does for DiT: class-
+balanced shuffled labels, example i's noise from fold_in(key(seed), i), resumable shards under --sample-dir, then
+`<folder>.npz` (arr_0 uint8 NHWC) for the ADM evaluator (`dit-jax evaluate`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,7 +32,7 @@ from dit_jax.diffusion.sharing import load_schedule, uniform_schedule
 from dit_jax.images import make_grid, save_png
 from dit_jax.sample import data_mesh
 from dit_jax.sample_cli import Decoder, error, parse_labels
-from dit_jax.sample_ddt import DDTSampler, load_ddt
+from dit_jax.sample_ddt import DDTSampler, KeyedDDTSampler, load_ddt
 
 
 def schedule_from_args(args: argparse.Namespace) -> list[int] | None:
@@ -43,6 +51,8 @@ def schedule_from_args(args: argparse.Namespace) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
+        if args.num_samples is not None and (args.num_samples < 1 or args.per_device_batch < 1):
+            raise ValueError("--num-samples and --per-device-batch must be >= 1")
         model = load_ddt(args.variant, args.image_size, args.ckpt, which=args.which, random_init=args.random_init,
                          seed=args.seed)
         labels = parse_labels(args.labels, model.num_classes)
@@ -54,13 +64,17 @@ def run(args: argparse.Namespace) -> int:
         sampler = DDTSampler(model, settings, schedule=schedule)
         from dit_jax import weights
 
-        mesh = data_mesh(jax.local_devices()[:1])
+        fid = args.num_samples is not None
+        mesh = data_mesh(jax.local_devices() if fid else jax.local_devices()[:1])
         decoder = Decoder(weights.pretrained_vae(args.vae, cache_dir=args.cache_dir, offline=args.offline), mesh)
     except (ValueError, OSError, ImportError) as e:
         return error("sample-ddt", e)
     calls = len(sampler.schedule)
-    print(f"sampling {len(labels)} images from {args.variant} (Euler, {args.steps} steps, cfg {cfg} in "
+    what = f"{args.num_samples:,} images for FID" if fid else f"{len(labels)} images"
+    print(f"sampling {what} from {args.variant} (Euler, {args.steps} steps, cfg {cfg} in "
           f"({args.interval_min}, {args.interval_max}), encoder on {calls} of {args.steps} steps)", flush=True)
+    if fid:
+        return _run_fid(args, model, sampler, settings, decoder, mesh, t0)
     side = model.input_size
     noise = jax.random.normal(jax.random.key(args.seed), (len(labels), side, side, model.in_channels))
     t1 = time.perf_counter()
@@ -70,6 +84,30 @@ def run(args: argparse.Namespace) -> int:
     out = save_png(make_grid(images, nrow=args.nrow), args.out)
     print(f"wrote {out.resolve()} ({len(labels)} images, labels {labels.tolist()}); sampling {t2 - t1:.1f}s, "
           f"total {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _run_fid(args: argparse.Namespace, model: Any, sampler: DDTSampler, settings: flow.FlowSampleSettings,
+             decoder: Decoder, mesh: Any, t0: float) -> int:
+    """--num-samples: dit_jax.sample_fid's resumable shards and .npz, with a DDT sampler."""
+    from dit_jax.sample_fid import sample_fid
+
+    sharing = f"encoder-{len(sampler.schedule)}"
+    name = args.variant.replace("/", "-")
+    folder = Path(args.sample_dir) / (f"{name}-size-{args.image_size}-vae-{Path(args.vae).name}-"
+                                      f"cfg-{float(settings.cfg_scale)}-steps-{settings.num_steps}-{sharing}-"
+                                      f"seed-{args.seed}")
+    manifest = dict(model=args.variant, ckpt=None if args.random_init else Path(args.ckpt).name, which=args.which,
+                    image_size=args.image_size, vae=args.vae, settings=dataclasses.asdict(settings),
+                    schedule=sampler.schedule)
+    try:
+        out = sample_fid(KeyedDDTSampler(sampler, model, mesh), decoder, folder, num_samples=args.num_samples,
+                         seed=args.seed, shard_size=args.per_device_batch * mesh.size, manifest=manifest,
+                         overwrite=args.overwrite, progress=args.progress)
+    except (ValueError, OSError) as e:
+        return error("sample-ddt", e)
+    if out is not None:
+        print(f"wrote {out.resolve()} (arr_0: {args.num_samples:,} uint8 images); encoder ran {sampler.encoder_calls} times; total {time.perf_counter() - t0:.0f}s")
     return 0
 
 
@@ -96,6 +134,11 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", default=None, help="never download; use the cache only")
     p.add_argument("--out", default="sample_ddt.png")
     p.add_argument("--nrow", type=int, default=4)
+    p.add_argument("--num-samples", type=int, help="FID mode: N samples into <sample-dir>/<run>.npz, not a grid")
+    p.add_argument("--per-device-batch", type=int, default=32, help="FID mode: samples per device per call")
+    p.add_argument("--sample-dir", default="samples", help="FID mode: parent of the shard folder and the .npz")
+    p.add_argument("--overwrite", action="store_true", help="FID mode: discard shards made with other settings")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
     return p
 

@@ -67,6 +67,9 @@ NOT_RUN = {
         "DDT-S/2-shaped checkpoint",
     "dit-jax sample-ddt --ckpt DDT-XL-22en6de-R256.ckpt --schedule schedule.json --labels 207,360 --out ddt.png":
         "needs the released DDT-XL/2 checkpoint; the random DDT-S/2 command above runs the same sampler",
+    "dit-jax sample-ddt --ckpt DDT-XL-22en6de-R256.ckpt --num-samples 50000 --sample-dir samples":
+        "needs the released DDT-XL/2 checkpoint (and 250 x 2 DDT-XL/2 passes per image); tests/test_sample_ddt_cli.py "
+        "runs FID mode on a DDT-S/2-shaped checkpoint",
     "dit-jax bench train --variant S/2 --batch 32 --dtype float32 --torch":
         "a benchmark (~5 min on 2 cores, timings meaningless next to other tests); tests/test_bench.py runs the same "
         "harness, ours and the PyTorch reference, on a tiny config",
