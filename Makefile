@@ -17,12 +17,14 @@ $(STAMP): requirements.txt setup.py
 demo: venv
 	$(VENV)/bin/dit-jax demo $(DEMO_ARGS)
 
+# the suite on one worker process per core, at most 4 (pytest-xdist; TEST_WORKERS=0 runs it in this process)
+TEST_WORKERS ?= logical --maxprocesses=4
 test: venv
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # everything but the tests marked slow
 test-fast: venv
-	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
