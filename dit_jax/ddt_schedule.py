@@ -3,6 +3,7 @@
     dit-jax ddt-schedule --checkpoint DDT-XL-22en6de-R256.ckpt --num-steps 250 --refresh-rate 4 \
         --out ddt_xl_250_k62.json
     dit-jax ddt-schedule --variant DDT-S/2 --random-init --res 64 --num-steps 20 --out /tmp/s.json   # smoke run
+    dit-jax ddt-schedule --checkpoint runs/ddt --num-steps 250 --out runs/ddt/schedule.json          # your DDT run
 
 As the reference's sharing_dp: a template run (8 noises and labels from seed 0, guidance as configured, the
 encoder recomputed every step) records the self-condition s of every step; sim[i][j] is the token-mean cosine
@@ -22,18 +23,18 @@ import numpy as np
 from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import dp_schedule, save_schedule, schedule_cost, state_similarity, uniform_schedule
 from dit_jax.models.ddt import DDT
-from dit_jax.sample_ddt import DDTSampler, load_ddt
+from dit_jax.sample_ddt import DDTSampler, load_flow_model
 
 
 def compute_schedule(model: DDT, settings: flow.FlowSampleSettings, num_recompute: int, batch: int = 8,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0, time_scale: float = 1.0) -> dict[str, Any]:
     """Template run + DP. Returns schedule, its cost, the uniform schedule's cost and the similarity matrix."""
     key = jax.random.key(seed)
     k_noise, k_label = jax.random.split(key)
     side = model.input_size
     noise = jax.random.normal(k_noise, (batch, side, side, model.in_channels))
     labels = jax.random.randint(k_label, (batch,), 0, model.num_classes)
-    _, states = DDTSampler(model, settings)(labels, noise, collect_states=True)
+    _, states = DDTSampler(model, settings, time_scale=time_scale)(labels, noise, collect_states=True)
     sim = state_similarity(np.stack(states))
     sched = dp_schedule(sim, num_recompute)
     n = settings.num_steps
@@ -49,13 +50,15 @@ def cmd(args: argparse.Namespace) -> int:
     settings = flow.FlowSampleSettings(num_steps=n, cfg_scale=args.cfg_scale, interval_min=args.interval_min,
                                        interval_max=args.interval_max, shift=args.shift, last_step=args.last_step)
     try:
-        model = load_ddt(args.variant, args.res, args.checkpoint, which=args.which, random_init=args.random_init,
-                         seed=args.seed)
+        loaded = load_flow_model(args.checkpoint, variant=args.variant, image_size=args.res, which=args.which,
+                                 random_init=args.random_init, seed=args.seed)
+        if not getattr(loaded.model, "num_encoder_blocks", 0):
+            raise ValueError(f"{args.checkpoint} has no condition encoder to share (a DiT or single-stream model)")
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"dit-jax ddt-schedule: error: {e}") from e
-    out = compute_schedule(model, settings, k, batch=args.batch, seed=args.seed)
+    out = compute_schedule(loaded.model, settings, k, batch=args.batch, seed=args.seed, time_scale=loaded.time_scale)
     save_schedule(args.out, out["schedule"], num_steps=n, num_recompute=k, cost=out["cost"],
-                  uniform_cost=out["uniform_cost"], variant=args.variant, checkpoint=args.checkpoint or "random-init",
+                  uniform_cost=out["uniform_cost"], variant=loaded.name, checkpoint=args.checkpoint or "random-init",
                   cfg_scale=args.cfg_scale, interval=[args.interval_min, args.interval_max], shift=args.shift,
                   last_step=args.last_step, template_batch=args.batch, seed=args.seed)
     print(f"{k} encoder calls in {n} steps; DP cost {out['cost']:.4f} (uniform every {max(1, n // k)}: "
@@ -68,10 +71,12 @@ def register(sub: Any) -> None:
     p = sub.add_parser("ddt-schedule", help="compute and save DDT's DP encoder-sharing schedule",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="DDT-XL/2", help="DDT-S/2 | DDT-B/2 | DDT-L/2 | DDT-XL/2")
-    p.add_argument("--checkpoint", help="a DDT checkpoint (.ckpt/.pt from MCG-NJU, or .safetensors)")
+    p.add_argument("--checkpoint", help="a DDT checkpoint (.ckpt/.pt from MCG-NJU, or .safetensors), or a dit-jax "
+                   "DDT training run (its EMA weights, size and time scale)")
     p.add_argument("--which", default="ema", choices=("ema", "model"), help="ema_denoiser (default) or denoiser")
     p.add_argument("--random-init", action="store_true", help="random weights (smoke runs, tests)")
-    p.add_argument("--res", type=int, default=256, help="image resolution (latents res // 8)")
+    p.add_argument("--res", type=int, default=None, help="image resolution (latents res // 8; default 256, or a "
+                   "training run's own)")
     p.add_argument("--num-steps", type=int, default=250)
     p.add_argument("--refresh-rate", type=float, default=4.0, help="encoder calls = num_steps / refresh_rate")
     p.add_argument("--cfg-scale", type=float, default=2.0)

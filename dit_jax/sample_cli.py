@@ -8,7 +8,8 @@
 --ckpt takes a training workdir, a converted folder, an official .pt or a diffusers folder; without it the
 official checkpoint for --image-size is downloaded (dit-jax download) and converted once into the cache.
 Latent models are decoded with the SD VAE (--vae ema|mse|folder; sample.py's default is mse); pixel-space
-runs (e.g. the digits demo) need none. The batch is sharded over every local device.
+runs (e.g. the digits demo) need none. The batch is sharded over every local device. A run trained with
+objective=flow (a DDT, or a SiT-style DiT) is a velocity model: `dit-jax sample-ddt --ckpt RUN` samples it.
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ VAE_DOWNSAMPLE = 8
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A DiT ready to sample, and how to turn its samples into pixels."""
+    """A model ready to sample, and how to turn its samples into pixels."""
 
-    model: DiT
+    model: DiT  # a DDT for a flow run (load_model(..., objective="flow"))
     name: str  # for folder names and logs, e.g. "DiT-XL-2-256x256" or "my_run-step0020000"
     pixel_space: bool  # True: samples are images in [-1, 1]; False: SD latents (decode with the VAE)
     image_size: int
     clip_denoised: bool  # pixel-space runs clip x_0 to [-1, 1] as the trainer's grids do; latents never
     vae: str | None = None  # the VAE a training run's latents came from (its config.data.vae)
+    time_scale: float = 1.0  # a flow run's config.flow.time_scale: the model reads t * time_scale
 
 
 def load_model(
@@ -55,20 +57,28 @@ def load_model(
     cache_dir: str | None = None,
     offline: bool | None = None,
     progress: bool = True,
+    objective: str = "diffusion",
+    use_ema: bool = True,
 ) -> LoadedModel:
     """The model to sample: a training run (EMA weights), any checkpoint `pretrained_dit` accepts, or (ckpt None)
-    the official DiT-XL/2 for image_size 256 or 512."""
+    the official DiT-XL/2 for image_size 256 or 512. objective: what the calling sampler needs a training run to
+    have been trained with ("diffusion": `sample`, `sample-fid`; "flow": `sample-ddt`)."""
     from dit_jax.train.export import is_training_run, load_ema_model
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}")
     if ckpt is not None and is_training_run(ckpt):
-        model, config, step = load_ema_model(ckpt, dtype=DTYPES[dtype])
+        model, config, step = load_ema_model(ckpt, use_ema=use_ema, dtype=DTYPES[dtype])
+        trained = str(config.objective)
+        if trained != objective:
+            how = "dit-jax sample-ddt" if trained == "flow" else "dit-jax sample (or sample-fid)"
+            raise ValueError(f"{ckpt} was trained with objective={trained} and this command samples "
+                             f"objective={objective} models; sample it with `{how} --ckpt {ckpt}`")
         pixel = config.data.source != "latents" and not config.data.vae
         size = config.data.image_size if pixel else model.input_size * VAE_DOWNSAMPLE
         vae = None if pixel else str(config.data.vae).removeprefix("stabilityai/")
         return LoadedModel(model, f"{Path(ckpt).resolve().name}-step{step:07d}", pixel, size, clip_denoised=pixel,
-                           vae=vae)
+                           vae=vae, time_scale=float(config.flow.time_scale))
     if ckpt is None:
         if image_size not in (256, 512):
             raise ValueError(f"the official DiT-XL/2 checkpoints are 256 or 512 px, not {image_size}")

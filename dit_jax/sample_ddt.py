@@ -9,10 +9,16 @@ Euler steps calls the encoder only on the schedule's recompute steps and otherwi
 self-condition s, so a shared step costs one decoder pass. The schedule is a sorted list of step indices starting
 at 0 (dit_jax.diffusion.sharing: uniform_schedule, dp_schedule); None recomputes every step, which is the plain
 sampler. With guidance both run on the [uncond | cond] batch (s then holds both halves), as in the reference.
+
+Velocity models without a condition encoder (a DiT trained with objective=flow, SiT-style, or the single-stream
+"improved DiT") sample through PlainFlowSampler, the same call with one compiled solver loop:
+
+    sampler = PlainFlowSampler(model, settings, time_scale=1000.0)   # a DiT reads t in [0, 1000)
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +37,9 @@ from dit_jax.models.ddt import DDT, DDT_models
 class DDTSampler:
     """Euler ODE sampling of a DDT, the encoder shared across steps by `schedule` (see the module docstring)."""
 
-    def __init__(self, model: DDT, settings: flow.FlowSampleSettings, schedule: Sequence[int] | None = None):
+    def __init__(self, model: DDT, settings: flow.FlowSampleSettings, schedule: Sequence[int] | None = None,
+                 time_scale: float = 1.0):
+        """time_scale: t in [0, 1] is multiplied by it for the model (a training run's flow.time_scale)."""
         if settings.sampler != "euler":
             raise ValueError(f"encoder sharing runs the Euler ODE sampler; got sampler={settings.sampler!r}")
         if not model.num_encoder_blocks:
@@ -51,7 +59,7 @@ class DDTSampler:
             return jnp.concatenate([a, a]) if self.guided else a
 
         def encode(state: Any, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
-            return nnx.merge(graphdef, state).encode(double(x), double(t), y)
+            return nnx.merge(graphdef, state).encode(double(x), double(t) * time_scale, y)
 
         def decode_step(state: Any, x: jax.Array, s: jax.Array, dt: jax.Array, scale: jax.Array) -> jax.Array:
             out = nnx.merge(graphdef, state).decode(double(x), s)
@@ -90,6 +98,49 @@ class DDTSampler:
         return (x, states) if collect_states else x
 
 
+@functools.lru_cache(maxsize=4)
+def flow_sampler(graphdef: nnx.GraphDef, settings: flow.FlowSampleSettings, time_scale: float, channels: int,
+                 num_classes: int) -> Any:
+    """jit((state, noise (N, H, W, C), labels (N,)) -> samples (N, H, W, C)): the whole solver of
+    dit_jax.diffusion.flow (Euler, Heun or Euler-Maruyama; CFG [uncond | cond] within the guidance interval) over a
+    velocity model: a DDT (its v output) or a DiT (the first `channels` outputs), called with t * time_scale.
+    Cached on its arguments, so the trainer's periodic sample grids compile once."""
+
+    def run(state: Any, noise: jax.Array, labels: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, *(state if isinstance(state, tuple) else (state,)))
+
+        def model_fn(x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+            out = model(x, t * time_scale, y)
+            return out[0] if isinstance(out, tuple) else out[..., :channels]
+
+        velocity = flow.guided_velocity(model_fn, labels, num_classes, settings)
+        return flow.sample(velocity, noise, settings)
+
+    return jax.jit(run)
+
+
+class PlainFlowSampler:
+    """DDTSampler's interface (sampler(labels, noise), .state, .schedule, .encoder_calls) for any velocity model,
+    without encoder sharing: flow_sampler's compiled loop. A DDT with an encoder runs it every step (encoder_calls
+    counts those runs); a DiT or single-stream model has none (encoder_calls stays 0)."""
+
+    def __init__(self, model: nnx.Module, settings: flow.FlowSampleSettings, time_scale: float = 1.0):
+        graphdef, self.state = nnx.split(model)
+        self.settings = settings
+        self.schedule = list(range(settings.num_steps))
+        self._counts_encoder = bool(getattr(model, "num_encoder_blocks", 0))
+        self.encoder_calls = 0
+        self._run = flow_sampler(graphdef, settings, float(time_scale), model.in_channels, model.num_classes)
+
+    def __call__(self, labels: Any, noise: jax.Array) -> jax.Array:
+        labels = jnp.asarray(labels, jnp.int32)
+        if labels.shape != (noise.shape[0],):
+            raise ValueError(f"labels must have shape ({noise.shape[0]},), got {tuple(labels.shape)}")
+        if self._counts_encoder:
+            self.encoder_calls += self.settings.num_steps
+        return self._run(self.state, noise, labels)
+
+
 class KeyedDDTSampler:
     """`dit-jax sample-fid`'s sampler interface over a DDTSampler, batch-sharded over `mesh`:
 
@@ -99,7 +150,7 @@ class KeyedDDTSampler:
     batch size, the device count or where an interrupted run resumed. A batch is padded up to a multiple of the
     device count (padding examples repeat example 0 and are dropped)."""
 
-    def __init__(self, sampler: DDTSampler, model: DDT, mesh: Mesh):
+    def __init__(self, sampler: DDTSampler | PlainFlowSampler, model: nnx.Module, mesh: Mesh):
         self.sampler, self.mesh = sampler, mesh
         self.num_classes = model.num_classes
         self.batch_sharding = NamedSharding(mesh, P("data"))
@@ -140,3 +191,35 @@ def load_ddt(variant: str, image_size: int, ckpt: str | None = None, *, which: s
 
     abstract = nnx.eval_shape(lambda: make(input_size=image_size // 8, rngs=nnx.Rngs(0)))
     return load_official_ddt(abstract, read_state_dict(ckpt), which=which)
+
+
+def load_flow_model(ckpt: str | None, *, variant: str = "DDT-XL/2", image_size: int | None = None,
+                    which: str = "ema", random_init: bool = False, seed: int = 0) -> Any:
+    """What `sample-ddt` and `ddt-schedule` sample: a dit-jax training run trained with objective=flow (a DDT, or a
+    SiT-style DiT; its EMA weights with which="ema", its size, VAE and flow.time_scale from the run's config), a
+    DDT checkpoint in the released layout, or (random_init) an untrained `variant`.
+    Returns a dit_jax.sample_cli.LoadedModel; image_size defaults to the run's, else 256."""
+    from dit_jax.sample_cli import LoadedModel, load_model
+    from dit_jax.train.export import is_training_run
+
+    if ckpt and not random_init and is_training_run(ckpt):
+        loaded = load_model(ckpt, objective="flow", use_ema=which == "ema")
+        if image_size is not None and image_size != loaded.image_size:
+            raise ValueError(f"{ckpt} was trained for {loaded.image_size} px images, not {image_size}: drop the "
+                             "image size option")
+        return loaded
+    size = 256 if image_size is None else image_size
+    model = load_ddt(variant, size, ckpt, which=which, random_init=random_init, seed=seed)
+    return LoadedModel(model, variant.replace("/", "-"), False, size, clip_denoised=False)
+
+
+def make_flow_sampler(model: nnx.Module, settings: flow.FlowSampleSettings, schedule: Sequence[int] | None = None,
+                      time_scale: float = 1.0) -> DDTSampler | PlainFlowSampler:
+    """A DDT with a condition encoder -> DDTSampler (encoder sharing by `schedule`); any other velocity model ->
+    PlainFlowSampler (a schedule is an error: there is no encoder to share)."""
+    if getattr(model, "num_encoder_blocks", 0):
+        return DDTSampler(model, settings, schedule=schedule, time_scale=time_scale)
+    if schedule is not None:
+        raise ValueError("encoder sharing (a schedule or refresh rate) needs a DDT with a condition encoder; "
+                         f"this {type(model).__name__} has none")
+    return PlainFlowSampler(model, settings, time_scale=time_scale)

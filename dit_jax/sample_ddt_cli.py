@@ -9,7 +9,11 @@ Defaults are the paper's headline sampler (MCG-NJU/DDT configs): Euler, 250 step
 CFG 2.0 at 256 px (3.0 at 512 px) only where 0.3 < t < 1, on every channel; sd-vae-ft-ema to decode. --schedule
 takes a file from `dit-jax ddt-schedule` (or --refresh-rate R for uniform sharing); without either the encoder
 runs every step. --random-init samples an untrained DDT (a smoke run; with --vae a local diffusers folder nothing is
-downloaded).
+downloaded). --ckpt also takes a dit-jax training run trained with objective=flow (configs/ddt_imagenet.py, or a
+SiT-style DiT): its EMA weights (--which model: the trained ones), image size, VAE and flow.time_scale come from the
+run; a model without a condition encoder samples with the same Euler loop and no sharing.
+
+    dit-jax sample-ddt --ckpt runs/ddt --refresh-rate 4 --out ddt-run.png
 
 --num-samples N writes N samples for FID instead of a grid, exactly as `dit-jax sample-fid` does for DiT: class-
 balanced shuffled labels, example i's noise from fold_in(key(seed), i), resumable shards under --sample-dir, then
@@ -31,8 +35,8 @@ from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import load_schedule, uniform_schedule
 from dit_jax.images import make_grid, save_png
 from dit_jax.sample import data_mesh
-from dit_jax.sample_cli import Decoder, error, parse_labels
-from dit_jax.sample_ddt import DDTSampler, KeyedDDTSampler, load_ddt
+from dit_jax.sample_cli import Decoder, error, load_decoder, parse_labels, vae_name
+from dit_jax.sample_ddt import KeyedDDTSampler, load_flow_model, make_flow_sampler
 
 
 def schedule_from_args(args: argparse.Namespace) -> list[int] | None:
@@ -53,72 +57,78 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.num_samples is not None and (args.num_samples < 1 or args.per_device_batch < 1):
             raise ValueError("--num-samples and --per-device-batch must be >= 1")
-        model = load_ddt(args.variant, args.image_size, args.ckpt, which=args.which, random_init=args.random_init,
-                         seed=args.seed)
+        loaded = load_flow_model(args.ckpt, variant=args.variant, image_size=args.image_size, which=args.which,
+                                 random_init=args.random_init, seed=args.seed)
+        if loaded.pixel_space and args.vae:
+            raise ValueError(f"{args.ckpt} samples pixels (a run without a VAE); --vae does not apply")
+        model = loaded.model
         labels = parse_labels(args.labels, model.num_classes)
-        cfg = args.cfg_scale if args.cfg_scale is not None else (2.0 if args.image_size == 256 else 3.0)
+        cfg = args.cfg_scale if args.cfg_scale is not None else (3.0 if loaded.image_size == 512 else 2.0)
         settings = flow.FlowSampleSettings(num_steps=args.steps, cfg_scale=cfg, interval_min=args.interval_min,
                                            interval_max=args.interval_max, shift=args.shift,
                                            last_step=args.last_step)
-        schedule = schedule_from_args(args)
-        sampler = DDTSampler(model, settings, schedule=schedule)
-        from dit_jax import weights
-
+        sampler = make_flow_sampler(model, settings, schedule_from_args(args), time_scale=loaded.time_scale)
         fid = args.num_samples is not None
         mesh = data_mesh(jax.local_devices() if fid else jax.local_devices()[:1])
-        decoder = Decoder(weights.pretrained_vae(args.vae, cache_dir=args.cache_dir, offline=args.offline), mesh)
+        vae = vae_name(loaded, args.vae, "ema")
+        decoder = load_decoder(loaded, vae, mesh, cache_dir=args.cache_dir, offline=args.offline)
     except (ValueError, OSError, ImportError) as e:
         return error("sample-ddt", e)
     calls = len(sampler.schedule)
     what = f"{args.num_samples:,} images for FID" if fid else f"{len(labels)} images"
-    print(f"sampling {what} from {args.variant} (Euler, {args.steps} steps, cfg {cfg} in "
-          f"({args.interval_min}, {args.interval_max}), encoder on {calls} of {args.steps} steps)", flush=True)
+    encoder = (f"encoder on {calls} of {args.steps} steps" if getattr(model, "num_encoder_blocks", 0)
+               else "no condition encoder")
+    print(f"sampling {what} from {loaded.name} (Euler, {args.steps} steps, cfg {cfg} in "
+          f"({args.interval_min}, {args.interval_max}), {encoder})", flush=True)
     if fid:
-        return _run_fid(args, model, sampler, settings, decoder, mesh, t0)
+        return _run_fid(args, loaded, vae, sampler, settings, decoder, mesh, t0)
     side = model.input_size
     noise = jax.random.normal(jax.random.key(args.seed), (len(labels), side, side, model.in_channels))
     t1 = time.perf_counter()
     latents = sampler(labels, noise)
     images = decoder(latents)
     t2 = time.perf_counter()
-    out = save_png(make_grid(images, nrow=args.nrow), args.out)
+    upscale = max(1, 64 // images.shape[1])  # tiny pixel-space samples are enlarged to be visible
+    out = save_png(make_grid(images, nrow=args.nrow), args.out, upscale=upscale)
     print(f"wrote {out.resolve()} ({len(labels)} images, labels {labels.tolist()}); sampling {t2 - t1:.1f}s, "
           f"total {time.perf_counter() - t0:.1f}s")
     return 0
 
 
-def _run_fid(args: argparse.Namespace, model: Any, sampler: DDTSampler, settings: flow.FlowSampleSettings,
+def _run_fid(args: argparse.Namespace, loaded: Any, vae: str, sampler: Any, settings: flow.FlowSampleSettings,
              decoder: Decoder, mesh: Any, t0: float) -> int:
-    """--num-samples: dit_jax.sample_fid's resumable shards and .npz, with a DDT sampler."""
+    """--num-samples: dit_jax.sample_fid's resumable shards and .npz, with a DDT (or plain flow) sampler."""
     from dit_jax.sample_fid import sample_fid
 
     sharing = f"encoder-{len(sampler.schedule)}"
-    name = args.variant.replace("/", "-")
-    folder = Path(args.sample_dir) / (f"{name}-size-{args.image_size}-vae-{Path(args.vae).name}-"
+    folder = Path(args.sample_dir) / (f"{loaded.name}-size-{loaded.image_size}-vae-{Path(vae).name}-"
                                       f"cfg-{float(settings.cfg_scale)}-steps-{settings.num_steps}-{sharing}-"
                                       f"seed-{args.seed}")
-    manifest = dict(model=args.variant, ckpt=None if args.random_init else Path(args.ckpt).name, which=args.which,
-                    image_size=args.image_size, vae=args.vae, settings=dataclasses.asdict(settings),
-                    schedule=sampler.schedule)
+    manifest = dict(model=loaded.name, ckpt=None if args.random_init else Path(args.ckpt).name, which=args.which,
+                    image_size=loaded.image_size, vae=vae, time_scale=loaded.time_scale,
+                    settings=dataclasses.asdict(settings), schedule=sampler.schedule)
     try:
-        out = sample_fid(KeyedDDTSampler(sampler, model, mesh), decoder, folder, num_samples=args.num_samples,
+        out = sample_fid(KeyedDDTSampler(sampler, loaded.model, mesh), decoder, folder, num_samples=args.num_samples,
                          seed=args.seed, shard_size=args.per_device_batch * mesh.size, manifest=manifest,
                          overwrite=args.overwrite, progress=args.progress)
     except (ValueError, OSError) as e:
         return error("sample-ddt", e)
     if out is not None:
-        print(f"wrote {out.resolve()} (arr_0: {args.num_samples:,} uint8 images); encoder ran {sampler.encoder_calls} times; total {time.perf_counter() - t0:.0f}s")
+        print(f"wrote {out.resolve()} (arr_0: {args.num_samples:,} uint8 images); encoder ran {sampler.encoder_calls} "
+              f"times; total {time.perf_counter() - t0:.0f}s")
     return 0
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("sample-ddt", help="sample a PNG grid from a DDT (flow matching, encoder sharing)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="DDT checkpoint (MCG-NJU Lightning .ckpt/.pt, or .safetensors)")
+    p.add_argument("--ckpt", help="DDT checkpoint (MCG-NJU Lightning .ckpt/.pt, or .safetensors), or a dit-jax "
+                   "training run trained with objective=flow (a DDT or a SiT-style DiT; its EMA weights)")
     p.add_argument("--variant", default="DDT-XL/2")
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="ema_denoiser (default) or denoiser")
     p.add_argument("--random-init", action="store_true", help="an untrained model (smoke runs)")
-    p.add_argument("--image-size", type=int, choices=(256, 512), default=256)
+    p.add_argument("--image-size", type=int, choices=(256, 512), default=None,
+                   help="256 (default) or 512 for a checkpoint; a training run's own size otherwise")
     p.add_argument("--labels", help="comma-separated class ids (default: the official DiT sample.py's 8 classes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=250)
@@ -129,7 +139,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--last-step", type=float, default=0.04)
     p.add_argument("--schedule", help="encoder-sharing schedule JSON from `dit-jax ddt-schedule`")
     p.add_argument("--refresh-rate", type=int, default=0, help="uniform sharing: the encoder every R steps")
-    p.add_argument("--vae", default="ema", help="ema | mse | a local diffusers VAE folder")
+    p.add_argument("--vae", help="ema | mse | a local diffusers VAE folder (default: a training run's own, else ema)")
     p.add_argument("--cache-dir", help="weights cache (default $DIT_JAX_CACHE or ~/.cache/dit_jax)")
     p.add_argument("--offline", action="store_true", default=None, help="never download; use the cache only")
     p.add_argument("--out", default="sample_ddt.png")

@@ -110,7 +110,7 @@ def test_one_ddt_repa_step_on_8_devices_equals_1_device(fsdp):
         np.testing.assert_array_equal(a, b)
 
 
-def test_trainer_trains_and_resumes_a_ddt_with_repa(tmp_path):
+def test_trainer_trains_and_resumes_a_ddt_with_repa(tmp_path, capsys):
     """The real trainer (dit_jax.train.loop) on the digits with objective=flow, a DDT and REPA against the frozen
     random ViT: losses finite, the REPA term logged, the frozen encoder checkpointed and resumed unchanged."""
     from dit_jax.train.checkpoint import Checkpointer
@@ -141,9 +141,65 @@ def test_trainer_trains_and_resumes_a_ddt_with_repa(tmp_path):
     ckpt = Checkpointer(tmp_path / "checkpoints")
     assert ckpt.latest_step() == 6
     ckpt.close()
+    _sample_the_ddt_run(tmp_path, capsys)
 
 
-def test_a_dit_trains_with_the_flow_objective_sit_style(tmp_path):
+def _sample_the_ddt_run(run, capsys) -> None:
+    """The run samples as a user would: `sample-ddt --ckpt RUN` (EMA weights, the run's pixel size) writes the grid
+    of DDTSampler's output, `ddt-schedule --checkpoint RUN` computes a schedule, `sample` names the right command."""
+    import json
+
+    from PIL import Image
+
+    from dit_jax import cli
+    from dit_jax.diffusion import flow
+    from dit_jax.images import make_grid, to_uint8
+    from dit_jax.sample_ddt import DDTSampler, PlainFlowSampler, load_flow_model
+    from dit_jax.train.export import load_ema_model
+
+    ema, config, step = load_ema_model(run)
+    loaded = load_flow_model(str(run))
+    assert isinstance(loaded.model, DDT) and loaded.pixel_space and loaded.image_size == 16 and step == 6
+    assert loaded.name == f"{run.name}-step0000006" and loaded.time_scale == 1.0
+    for a, b in zip(jax.tree.leaves(nnx.state(loaded.model, nnx.Param)), jax.tree.leaves(nnx.state(ema, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    trained = load_flow_model(str(run), which="model").model
+    assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0 for a, b in zip(
+        jax.tree.leaves(nnx.state(trained, nnx.Param)), jax.tree.leaves(nnx.state(ema, nnx.Param))))
+
+    # the CLI's defaults: Euler, cfg 2.0 on (0.3, 1), last step 0.04; noise normal(key(seed)) for the labels
+    settings = flow.FlowSampleSettings(num_steps=4, cfg_scale=2.0, interval_min=0.3, interval_max=1.0, last_step=0.04)
+    labels = np.array([1, 2, 3], np.int32)
+    noise = jax.random.normal(jax.random.key(0), (3, 16, 16, 1))
+    shared = np.asarray(DDTSampler(ema, settings)(labels, noise))
+    np.testing.assert_allclose(np.asarray(PlainFlowSampler(ema, settings)(labels, noise)), shared, atol=1e-5)
+    out = run / "grid.png"
+    assert cli.main(["sample-ddt", "--ckpt", str(run), "--steps", "4", "--labels", "1,2,3", "--nrow", "3",
+                     "--out", str(out)]) == 0
+    assert f"from {loaded.name}" in capsys.readouterr().out
+    png = np.asarray(Image.open(out)).astype(int)
+    grid = make_grid(to_uint8(shared), nrow=3)[..., 0]
+    grid = grid.repeat(4, axis=0).repeat(4, axis=1)  # 16 px samples are written 4x enlarged
+    assert png.shape == grid.shape and np.abs(png - grid).max() <= 1 and grid.std() > 0
+
+    sched = run / "schedule.json"
+    assert cli.main(["ddt-schedule", "--checkpoint", str(run), "--num-steps", "4", "--refresh-rate", "2",
+                     "--batch", "2", "--out", str(sched)]) == 0
+    meta = json.loads(sched.read_text())
+    assert len(meta["schedule"]) == 2 and meta["meta"]["variant"] == loaded.name
+    assert cli.main(["sample-ddt", "--ckpt", str(run), "--steps", "4", "--schedule", str(sched),
+                     "--out", str(out)]) == 0
+    assert "encoder on 2 of 4 steps" in capsys.readouterr().out
+
+    assert cli.main(["sample", "--ckpt", str(run), "--out", str(run / "x.png")]) == 1
+    assert "objective=flow" in (err := capsys.readouterr().err) and "dit-jax sample-ddt" in err
+    assert cli.main(["sample-ddt", "--ckpt", str(run), "--image-size", "256", "--out", str(out)]) == 1
+    assert "trained for 16 px" in capsys.readouterr().err
+    assert cli.main(["sample-ddt", "--ckpt", str(run), "--vae", "ema", "--out", str(out)]) == 1
+    assert "--vae does not apply" in capsys.readouterr().err
+
+
+def test_a_dit_trains_with_the_flow_objective_sit_style(tmp_path, capsys):
     """objective=flow with model.arch=dit: the DiT read as a velocity model (learn_sigma off), t scaled to the
     timestep embedder's range."""
     from dit_jax.train.config_io import ConfigError, load_config
@@ -155,3 +211,19 @@ def test_a_dit_trains_with_the_flow_objective_sit_style(tmp_path):
     assert out["step"] == 3 and np.isfinite(out["metrics"]["loss"]) and "repa_loss" not in out["metrics"]
     with pytest.raises(ConfigError, match="learn_sigma=False"):
         load_config("configs/digits.py:runlocal=True", ["objective=flow"])
+
+    # sampled by sample-ddt with t * 1000 and no encoder sharing; ddt-schedule has nothing to share
+    from dit_jax import cli
+    from dit_jax.models import DiT
+    from dit_jax.sample_ddt import load_flow_model
+
+    loaded = load_flow_model(str(tmp_path))
+    assert isinstance(loaded.model, DiT) and loaded.time_scale == 1000.0
+    assert cli.main(["sample-ddt", "--ckpt", str(tmp_path), "--steps", "3", "--labels", "4,5",
+                     "--out", str(tmp_path / "g.png")]) == 0
+    assert "no condition encoder" in capsys.readouterr().out
+    assert cli.main(["sample-ddt", "--ckpt", str(tmp_path), "--refresh-rate", "2",
+                     "--out", str(tmp_path / "g.png")]) == 1
+    assert "condition encoder" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no condition encoder"):
+        cli.main(["ddt-schedule", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "s.json")])

@@ -364,6 +364,11 @@ def _check_png(name: str):
     return check
 
 
+def _check_ddt_run_grid(cwd, out):
+    assert "from ddt_smoke-step0000020" in out and "encoder on 5 of 20 steps" in out, out
+    assert _png_size(cwd / "ddt-run.png") == (2 * 256 + 3 * 2, 256 + 2 * 2)
+
+
 def _check_sweeps(cwd, out):
     lines = out.strip().splitlines()  # the twelve scaling points, then the four block designs of XL/2
     assert len(lines) == 16 and all(line.startswith("--config configs/dit_imagenet.py:variant=") for line in lines)
@@ -407,6 +412,10 @@ RUNS = {
     "--out /data/in256-latents-images": (None, "cli", _check_latents("data/in256-latents-images", 8, images=True)),
     "dit-jax sample-ddt --variant DDT-S/2 --random-init --steps 20 --labels 207,360 --vae ema --out ddt-random.png":
         (None, "cli", _check_png("ddt-random.png")),
+    "dit-jax train --config configs/ddt_imagenet.py:variant=S/2,runlocal=True --workdir runs/ddt_smoke "
+    "--config.data.path=/data/in256-latents-images": (None, "cli", _check_train_steps("runs/ddt_smoke", 20)),
+    "dit-jax sample-ddt --ckpt runs/ddt_smoke --steps 20 --refresh-rate 4 --labels 207,360 --out ddt-run.png":
+        (None, "cli", _check_ddt_run_grid),
     "dit-jax convert DiT-XL-2-256x256.pt out/dit-xl-2-256": (_prepare_convert, "cli", _check_converted),
     "dit-jax convert path/to/DiT-XL-2-256/transformer out/dit-xl-2-256":
         (_prepare_convert_diffusers, "cli", _check_converted),

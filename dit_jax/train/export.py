@@ -1,12 +1,14 @@
-"""The EMA model of a training run: what `dit-jax sample --ckpt WORKDIR` and `sample-fid` load.
+"""The EMA model of a training run: what `dit-jax sample --ckpt WORKDIR`, `sample-fid` and `sample-ddt` load.
 
     model, config, step = load_ema_model("runs/dit_s2")          # newest complete checkpoint
     model, config, step = load_ema_model("runs/dit_s2", step=20000)
+    model, config, step = load_ema_model("runs/ddt_s2")          # a DDT run (config.model.arch == "ddt")
 
 The run's config comes from the checkpoint itself (the "config" item the trainer saves beside the state), so
 the model is rebuilt exactly as trained; the EMA parameters replace the trained ones (as the official
 sample.py loads `checkpoint["ema"]`). A corrupt newest checkpoint falls back to the previous one with a warning
-(dit_jax.train.checkpoint.Checkpointer.restore).
+(dit_jax.train.checkpoint.Checkpointer.restore). A run trained with REPA restores its whole state (the REPA target
+encoder included) and returns the DDT, whose projector sampling never calls.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax.models import DiT
+from dit_jax.models import DDT, DiT
 from dit_jax.train.checkpoint import Checkpointer, CheckpointError
 from dit_jax.train.config_io import config_from_dict
 from dit_jax.train.optim import ema_params, make_optimizer
@@ -53,8 +55,8 @@ def _saved_config(ckpt_dir: Path, steps: list[int]) -> dict[str, Any]:
 
 def load_ema_model(
     path: str | os.PathLike, step: int | None = None, *, use_ema: bool = True, **overrides: Any
-) -> tuple[DiT, Any, int]:
-    """-> (DiT holding the EMA weights (or the trained ones with use_ema=False), the run's config, step).
+) -> tuple[DiT | DDT, Any, int]:
+    """-> (the DiT or DDT holding the EMA weights (or the trained ones with use_ema=False), the run's config, step).
 
     overrides: DiT options that do not change the weights (dtype, attn_impl, remat_policy)."""
     ckpt_dir = checkpoint_dir(path)
@@ -68,7 +70,7 @@ def load_ema_model(
         fixed = sorted(set(overrides) - {"dtype", "attn_impl", "remat_policy"})
         if fixed:
             raise ValueError(f"{fixed} cannot be overridden when loading a training run")
-        graphdef, abstract = abstract_state(config.model, make_optimizer(config.optim), config.seed)
+        graphdef, abstract = abstract_state(config.model, make_optimizer(config.optim), config.seed, config.repa)
         replicated = NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("d",)), P())
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
         restored = ckpt.restore(abstract, step)
@@ -80,12 +82,16 @@ def load_ema_model(
     return model, config, restored.step
 
 
-def _with_options(model: DiT, config: Any, overrides: dict[str, Any]) -> DiT:
-    from dit_jax.train.state import DTYPES, model_kwargs
+def _with_options(model: DiT | DDT, config: Any, overrides: dict[str, Any]) -> DiT | DDT:
+    from dit_jax.train.state import DTYPES, ddt_kwargs, model_kwargs
 
-    kw = model_kwargs(config.model)
+    ddt = isinstance(model, DDT)
+    if ddt and "remat_policy" in overrides:
+        raise ValueError("remat_policy applies to DiT runs only")
+    kw = ddt_kwargs(config.model, config.repa) if ddt else model_kwargs(config.model)
     for k, v in overrides.items():
         kw[k] = DTYPES.get(v, v) if k == "dtype" else v
-    target = nnx.eval_shape(lambda: DiT(**kw, rngs=nnx.Rngs(0)))
+    cls = DDT if ddt else DiT
+    target = nnx.eval_shape(lambda: cls(**kw, rngs=nnx.Rngs(0)))
     nnx.update(target, nnx.state(model))
     return target

@@ -6,7 +6,6 @@ compiled) -> checkpointing -> train loop (metrics, NaN guard, checkpoints, preem
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ from dit_jax.data.prefetch import DevicePrefetch
 from dit_jax.diffusion import create_diffusion, flow
 from dit_jax.images import make_grid, to_uint8
 from dit_jax.sample import sample_latents
+from dit_jax.sample_ddt import flow_sampler as _flow_sampler
 from dit_jax.train import metrics as metrics_lib
 from dit_jax.train.checkpoint import Checkpointer
 from dit_jax.train.config_io import ConfigError, config_to_dict
@@ -98,24 +98,6 @@ def flow_samples(graphdef: nnx.GraphDef, state: Any, labels: np.ndarray, config:
     side, c = config.model.input_size, config.model.in_channels
     noise = jax.random.normal(key, (len(labels), side, side, c), jnp.float32)
     return np.asarray(sampler(state, noise, jnp.asarray(labels, jnp.int32)))
-
-
-@functools.lru_cache(maxsize=4)
-def _flow_sampler(graphdef: nnx.GraphDef, settings: flow.FlowSampleSettings, time_scale: float, channels: int,
-                  num_classes: int) -> Any:
-    """jit((state, noise (N, H, W, C), labels (N,)) -> samples (N, H, W, C))."""
-
-    def run(state: Any, noise: jax.Array, labels: jax.Array) -> jax.Array:
-        model = nnx.merge(graphdef, *(state if isinstance(state, tuple) else (state,)))
-
-        def model_fn(x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
-            out = model(x, t * time_scale, y)
-            return out[0] if isinstance(out, tuple) else out[..., :channels]
-
-        velocity = flow.guided_velocity(model_fn, labels, num_classes, settings)
-        return flow.sample(velocity, noise, settings)
-
-    return jax.jit(run)
 
 
 def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
