@@ -100,6 +100,16 @@ def example_keys(key: jax.Array | int, indices: Any) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
 
 
+def pad_to_multiple(multiple: int, *arrays: Any) -> tuple[Any, ...]:
+    """Each array's leading axis padded up to a multiple of `multiple` (the device count) by repeating example 0;
+    the caller drops the padding rows. numpy arrays stay numpy, jax arrays stay jax."""
+    pad = (-arrays[0].shape[0]) % multiple
+    if not pad:
+        return arrays
+    xp = lambda a: np if isinstance(a, np.ndarray) else jnp  # noqa: E731
+    return tuple(xp(a).concatenate([a, xp(a).repeat(a[:1], pad, axis=0)]) for a in arrays)
+
+
 def data_mesh(devices: Any = None) -> Mesh:
     """A 1-D mesh ('data',) over `devices` (default: every device of every process)."""
     devs = np.asarray(jax.devices() if devices is None else devices)
@@ -195,10 +205,7 @@ class Sampler:
         n = labels.shape[0]
         if keys.shape[0] != n:
             raise ValueError(f"{keys.shape[0]} keys for {n} labels")
-        pad = (-n) % self.mesh.size
-        if pad:  # padding examples reuse example 0's label and key; they are dropped below
-            labels = np.concatenate([labels, np.repeat(labels[:1], pad)])
-            keys = jnp.concatenate([keys, jnp.repeat(keys[:1], pad, axis=0)])
+        labels, keys = pad_to_multiple(self.mesh.size, labels, keys)  # padding rows are dropped below
         labels = jax.device_put(labels.astype(np.int32), self.batch_sharding)
         keys = jax.device_put(keys, self.batch_sharding)
         with mesh_context(self.mesh, self._attn_impl):

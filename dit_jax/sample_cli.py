@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dit_jax.images import make_grid, save_png, to_uint8
 from dit_jax.models import DiT
 from dit_jax.models.vae import SD_VAE_SCALE, AutoencoderKL
-from dit_jax.sample import OFFICIAL_LABELS, Sampler, SampleSettings, data_mesh, example_keys
+from dit_jax.sample import OFFICIAL_LABELS, Sampler, SampleSettings, data_mesh, example_keys, pad_to_multiple
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 VAE_DOWNSAMPLE = 8
@@ -114,10 +114,7 @@ class Decoder:
         if self.state is None:  # pixel space
             return to_uint8(np.asarray(samples))
         n = samples.shape[0]
-        pad = (-n) % self.mesh.size
-        z = jnp.asarray(samples)
-        if pad:
-            z = jnp.concatenate([z, jnp.zeros((pad, *z.shape[1:]), z.dtype)])
+        (z,) = pad_to_multiple(self.mesh.size, jnp.asarray(samples))
         return np.asarray(self._decode(self.state, jax.device_put(z, self.sharding)))[:n]
 
 

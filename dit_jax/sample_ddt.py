@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import recompute_mask
 from dit_jax.models.ddt import DDT, DDT_models
+from dit_jax.sample import pad_to_multiple
 
 
 class DDTSampler:
@@ -167,10 +168,7 @@ class KeyedDDTSampler:
             raise ValueError(f"labels must be 1-D with one key each; got labels {labels.shape}, keys {keys.shape}")
         if n and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must be in [0, {self.num_classes}); got min {labels.min()}, max {labels.max()}")
-        pad = (-n) % self.mesh.size
-        if pad:
-            labels = np.concatenate([labels, np.repeat(labels[:1], pad)])
-            keys = jnp.concatenate([keys, jnp.repeat(keys[:1], pad, axis=0)])
+        labels, keys = pad_to_multiple(self.mesh.size, labels, keys)
         noise = self._noise(jax.device_put(keys, self.batch_sharding))
         return self.sampler(jax.device_put(labels.astype(np.int32), self.batch_sharding), noise)[:n]
 

@@ -20,7 +20,8 @@ from official_dit_torch import OfficialDiT, numpy_sd, randomize_torch  # noqa: E
 from dit_jax.convert import load_official_dit  # noqa: E402
 from dit_jax.diffusion import create_diffusion, space_timesteps  # noqa: E402
 from dit_jax.models import DiT  # noqa: E402
-from dit_jax.sample import Sampler, SampleSettings, data_mesh, example_keys, guided_model_fn, sample_latents  # noqa: E402
+from dit_jax.sample import (  # noqa: E402
+    Sampler, SampleSettings, data_mesh, example_keys, guided_model_fn, pad_to_multiple, sample_latents)
 from dit_jax.evaluate.npz import write_npz_stream  # noqa: E402
 from dit_jax.sample_fid import (  # noqa: E402
     fid_labels,
@@ -253,6 +254,18 @@ def test_sample_latents_compiles_once_per_graph_and_settings(official):
     assert not np.allclose(a, b)
     c = sample_latents(ours, [1, 2], key=jax.random.key(0), **kw)
     np.testing.assert_array_equal(a, c)
+
+
+def test_pad_to_multiple_repeats_example_zero_and_keeps_array_types():
+    labels, keys = np.array([3, 1, 4, 1, 5]), example_keys(0, range(5))
+    plabels, pkeys = pad_to_multiple(8, labels, keys)
+    assert isinstance(plabels, np.ndarray) and plabels.tolist() == [3, 1, 4, 1, 5, 3, 3, 3]
+    assert pkeys.shape == (8,) and all(np.array_equal(jax.random.key_data(pkeys[i]), jax.random.key_data(keys[0]))
+                                       for i in (5, 6, 7))
+    z = jnp.arange(6.0).reshape(3, 2)
+    (pz,) = pad_to_multiple(4, z)
+    assert isinstance(pz, jax.Array) and pz.tolist() == [[0, 1], [2, 3], [4, 5], [0, 1]]
+    assert pad_to_multiple(5, labels)[0] is labels  # nothing to pad: the same array
 
 
 def test_settings_errors():
