@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax.images import make_grid, save_png, to_uint8
-from dit_jax.models import DiT
+from dit_jax.models import DDT, DiT
 from dit_jax.models.vae import SD_VAE_SCALE, AutoencoderKL
 from dit_jax.sample import OFFICIAL_LABELS, Sampler, SampleSettings, data_mesh, example_keys, pad_to_multiple
 
@@ -40,7 +40,7 @@ VAE_DOWNSAMPLE = 8
 class LoadedModel:
     """A model ready to sample, and how to turn its samples into pixels."""
 
-    model: DiT  # a DDT for a flow run (load_model(..., objective="flow"))
+    model: DiT | DDT  # a DDT (or a velocity DiT) for a flow run: load_model(..., objective="flow")
     name: str  # for folder names and logs, e.g. "DiT-XL-2-256x256" or "my_run-step0020000"
     pixel_space: bool  # True: samples are images in [-1, 1]; False: SD latents (decode with the VAE)
     image_size: int

@@ -33,6 +33,7 @@ from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import recompute_mask
 from dit_jax.models.ddt import DDT, DDT_models
 from dit_jax.sample import pad_to_multiple
+from dit_jax.sample_cli import LoadedModel, load_model
 
 
 class DDTSampler:
@@ -192,12 +193,11 @@ def load_ddt(variant: str, image_size: int, ckpt: str | None = None, *, which: s
 
 
 def load_flow_model(ckpt: str | None, *, variant: str = "DDT-XL/2", image_size: int | None = None,
-                    which: str = "ema", random_init: bool = False, seed: int = 0) -> Any:
+                    which: str = "ema", random_init: bool = False, seed: int = 0) -> LoadedModel:
     """What `sample-ddt` and `ddt-schedule` sample: a dit-jax training run trained with objective=flow (a DDT, or a
     SiT-style DiT; its EMA weights with which="ema", its size, VAE and flow.time_scale from the run's config), a
     DDT checkpoint in the released layout, or (random_init) an untrained `variant`.
-    Returns a dit_jax.sample_cli.LoadedModel; image_size defaults to the run's, else 256."""
-    from dit_jax.sample_cli import LoadedModel, load_model
+    image_size defaults to the run's, else 256."""
     from dit_jax.train.export import is_training_run
 
     if ckpt and not random_init and is_training_run(ckpt):
