@@ -44,7 +44,7 @@ def diffusers_dit(depth: int, hidden_size: int, num_heads: int, patch_size: int,
 class HybridLoss:
     """guided-diffusion training_losses (MSE + learned-range VB), linear schedule, T steps, in torch."""
 
-    def __init__(self, steps: int = 1000):
+    def __init__(self, steps: int = 1000, device: torch.device | str = "cpu"):
         scale = 1000 / steps
         betas = np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64)
         abar = np.cumprod(1.0 - betas)
@@ -53,7 +53,7 @@ class HybridLoss:
         self.num_timesteps = steps
 
         def f32(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.asarray(a, dtype=np.float32))
+            return torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device)  # tables beside the model
 
         self.sqrt_abar = f32(np.sqrt(abar))
         self.sqrt_1m_abar = f32(np.sqrt(1.0 - abar))
@@ -121,12 +121,12 @@ class TorchTrainer:
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)  # official train.py
         self.decay = ema_decay
         self.scale = latent_scale
-        self.loss = HybridLoss()
+        self.loss = HybridLoss(device=self.params[0].device)
 
     def step(self, moments: torch.Tensor, y: torch.Tensor) -> float:
         mean, logvar = moments.chunk(2, dim=1)
         x0 = self.scale * (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn_like(mean))
-        t = torch.randint(0, self.loss.num_timesteps, (x0.shape[0],))
+        t = torch.randint(0, self.loss.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         x_t = self.loss.q_sample(x0, t, noise)
         out = self.model(x_t, timestep=t, class_labels=y).sample
