@@ -111,8 +111,9 @@ def pad_to_multiple(multiple: int, *arrays: Any) -> tuple[Any, ...]:
 
 
 def data_mesh(devices: Any = None) -> Mesh:
-    """A 1-D mesh ('data',) over `devices` (default: every device of every process)."""
-    devs = np.asarray(jax.devices() if devices is None else devices)
+    """A 1-D mesh ('data',) over `devices` (default: this process's devices: the samplers take host inputs, and a
+    multi-process job splits its samples between processes, as sample-fid does)."""
+    devs = np.asarray(jax.local_devices() if devices is None else devices)
     return Mesh(devs.reshape(-1), ("data",))
 
 
@@ -229,7 +230,7 @@ _CACHE_SIZE = 4
 def sampler_for(graphdef: nnx.GraphDef, state: Any, settings: SampleSettings) -> Sampler:
     """A Sampler for (graph, settings), compiled once and reused across calls with new weights (the trainer's
     periodic EMA grids)."""
-    cache_key = (graphdef, settings, tuple(d.id for d in jax.devices()))
+    cache_key = (graphdef, settings, tuple(d.id for d in jax.local_devices()))
     sampler = _CACHE.pop(cache_key, None)
     if sampler is None:
         sampler = Sampler(graphdef, state, settings)

@@ -43,7 +43,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-COMMAND_PREFIXES = ("dit-jax", "make", "python", "pip", "tfds", "launch/tpu/")
+COMMAND_PREFIXES = ("dit-jax", "make", "python", "pip", "tfds", "launch/tpu/", "launch/local/")
 
 # ------------------------------------------------------------------------------------------------------------
 # What cannot run on a CPU in CI, and why.
@@ -70,6 +70,10 @@ NOT_RUN = {
     "dit-jax sample-ddt --ckpt DDT-XL-22en6de-R256.ckpt --num-samples 50000 --sample-dir samples":
         "needs the released DDT-XL/2 checkpoint (and 250 x 2 DDT-XL/2 passes per image); tests/test_sample_ddt_cli.py "
         "runs FID mode on a DDT-S/2-shaped checkpoint",
+    "launch/local/multiprocess.sh -n 2 --cpu-devices 4 -- dit-jax train --config configs/digits.py:runlocal=True "
+    "--workdir runs/mp":
+        "2 processes x 4 CPU devices (~1 min on 2 cores): tests/test_multiprocess.py runs this job (the same launcher, "
+        "dit_jax/multiprocess.py) against 1 x 8, with SIGKILL, SIGTERM and resumes on other topologies",
     "dit-jax bench train --variant S/2 --batch 32 --dtype float32 --torch":
         "a benchmark (~5 min on 2 cores, timings meaningless next to other tests); tests/test_bench.py runs the same "
         "harness, ours and the PyTorch reference, on a tiny config",

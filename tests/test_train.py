@@ -132,7 +132,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     # the data iterator is at the same place: the next batch is identical
     assert a.data_state == b.data_state
     saved = a.data_state if isinstance(a.data_state, dict) else json.loads(a.data_state)
-    assert saved["batches"] == 2 * n  # the consumed position: batches prefetched to the devices are not counted
+    assert saved["position"] == 2 * n  # the consumed position: batches prefetched to the devices are not counted
     from dit_jax.data import make_train_iterator
     from dit_jax.train.config_io import config_from_dict
 

@@ -17,7 +17,7 @@ from dit_jax.data.latents import (
     read_latents_meta,
     write_latents,
 )
-from dit_jax.data.pipeline import TrainIterator, build_source, make_train_iterator
+from dit_jax.data.pipeline import GlobalOrder, TrainIterator, build_source, make_train_iterator
 from dit_jax.data.sources import DigitsSource, ImageFolderSource, TfdsSource, load_digits_arrays
 from dit_jax.data.transforms import DecodeImage, RandomFlip, ToFloat, center_crop_arr, to_model_range
 
@@ -26,6 +26,7 @@ __all__ = [
     "DecodeImage",
     "DecodeLatents",
     "DigitsSource",
+    "GlobalOrder",
     "ImageFolderSource",
     "LatentsSource",
     "RandomFlip",

@@ -18,9 +18,10 @@ abstract state is a configuration mismatch, not corruption: that raises Checkpoi
 leaves, without falling back. Skipped (corrupt) steps newer than the restored one are moved aside to
 `<step>.corrupt-<time>` so that the resumed run can save those step numbers again.
 
-Preemption: `install_sigterm_handler()` makes SIGTERM set `preempted`; the loop saves with force=True, waits and
-exits. On several hosts, SIGTERM reaches the hosts at different steps: use `reached_preemption(step)`, which is
-orbax's (JAX's preemption sync point, the same step on every host) and falls back to the local flag on one host.
+Preemption: the loop asks `reached_preemption(step)` every step, then saves with force=True, waits and exits. On
+one process, `install_sigterm_handler()` makes SIGTERM set the flag it reads. On several processes, SIGTERM reaches
+the hosts at different steps: JAX's preemption notifier (installed by jax.distributed.initialize(), left in place)
+takes it, and reached_preemption is orbax's, JAX's preemption sync point: the same step on every process.
 
 Multi-host: every process calls save/restore with the same arguments; orbax writes each process's shards and
 the primary host finalises. Only the primary host writes manifests or moves corrupt steps aside.
@@ -400,6 +401,12 @@ class Checkpointer:
             return
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("install_sigterm_handler() must be called from the main thread")
+        if jax.process_count() > 1:
+            # jax.distributed.initialize() set up JAX's preemption notifier (a SIGTERM handler in C++, invisible to
+            # signal.getsignal): a Python handler would take the signal from it and no process would ever reach the
+            # preemption sync point (reached_preemption)
+            log.info("multi-process job: SIGTERM is left to JAX's preemption notifier")
+            return
         prev = signal.getsignal(signal.SIGTERM)
         if prev is None:
             log.info("SIGTERM has a handler installed outside Python (JAX's preemption service?); leaving it: "

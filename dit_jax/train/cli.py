@@ -3,6 +3,9 @@
 The config is a Python file with get_config(arg) (ml_collections, locked: a mistyped override key is an
 error); the workdir holds checkpoints, metrics.jsonl, TensorBoard events, sample grids and loss.png. Running
 the same command again resumes from the newest complete checkpoint.
+
+Several processes (a TPU pod slice, a GPU cluster, launch/local/multiprocess.sh on one machine) run the same
+command; see dit_jax/distributed.py for --coordinator / --num-processes / --process-id and what is detected.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
+from dit_jax import distributed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="config file, optionally with ':arg' (e.g. configs/dit_imagenet.py:variant=XL/2)")
     p.add_argument("--workdir", required=True, help="output folder (local path or gs://...)")
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    distributed.add_arguments(p)
     p.set_defaults(func=run, accepts_overrides=True)
 
 
@@ -30,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
     from dit_jax.train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        distributed.from_args(args)  # before any other JAX call
+    except distributed.DistributedError as e:
+        print(f"dit-jax train: error: {e}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config, args.overrides)
     except (ValueError, KeyError, AttributeError, TypeError, FileNotFoundError) as e:

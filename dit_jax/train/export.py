@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax.models import DDT, DiT
-from dit_jax.train.checkpoint import Checkpointer, CheckpointError
+from dit_jax.train.checkpoint import Checkpointer, CheckpointError, Restored
 from dit_jax.train.config_io import config_from_dict
 from dit_jax.train.optim import ema_params, make_optimizer
 from dit_jax.train.state import abstract_state
@@ -53,12 +53,9 @@ def _saved_config(ckpt_dir: Path, steps: list[int]) -> dict[str, Any]:
     raise CheckpointError(f"no readable config saved with the checkpoints in {ckpt_dir}")
 
 
-def load_ema_model(
-    path: str | os.PathLike, step: int | None = None, *, use_ema: bool = True, **overrides: Any
-) -> tuple[DiT | DDT, Any, int]:
-    """-> (the DiT or DDT holding the EMA weights (or the trained ones with use_ema=False), the run's config, step).
-
-    overrides: DiT options that do not change the weights (dtype, attn_impl, remat_policy)."""
+def restore_run(path: str | os.PathLike, step: int | None = None) -> tuple[Any, Any, Restored]:
+    """-> (graphdef, the run's config, Restored) of a training run's checkpoint (newest complete step by default),
+    restored onto this process's first device whatever topology wrote it."""
     ckpt_dir = checkpoint_dir(path)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{path}: no such training run (expected a workdir with checkpoints/)")
@@ -67,13 +64,22 @@ def load_ema_model(
         if not steps:
             raise CheckpointError(f"{ckpt_dir}: no complete checkpoint")
         config = config_from_dict(_saved_config(ckpt_dir, steps), fill_defaults=True)
-        fixed = sorted(set(overrides) - {"dtype", "attn_impl", "remat_policy"})
-        if fixed:
-            raise ValueError(f"{fixed} cannot be overridden when loading a training run")
         graphdef, abstract = abstract_state(config.model, make_optimizer(config.optim), config.seed, config.repa)
-        replicated = NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("d",)), P())
+        replicated = NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("d",)), P())
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-        restored = ckpt.restore(abstract, step)
+        return graphdef, config, ckpt.restore(abstract, step)
+
+
+def load_ema_model(
+    path: str | os.PathLike, step: int | None = None, *, use_ema: bool = True, **overrides: Any
+) -> tuple[DiT | DDT, Any, int]:
+    """-> (the DiT or DDT holding the EMA weights (or the trained ones with use_ema=False), the run's config, step).
+
+    overrides: DiT options that do not change the weights (dtype, attn_impl, remat_policy)."""
+    fixed = sorted(set(overrides) - {"dtype", "attn_impl", "remat_policy"})
+    if fixed:
+        raise ValueError(f"{fixed} cannot be overridden when loading a training run")
+    graphdef, config, restored = restore_run(path, step)
     state = restored.state
     params = ema_params(state["opt_state"]) if use_ema else state["params"]
     model = nnx.merge(graphdef, params, state["rest"])

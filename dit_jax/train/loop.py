@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from dit_jax import distributed
 from dit_jax.data import make_train_iterator
 from dit_jax.data.prefetch import DevicePrefetch
 from dit_jax.diffusion import create_diffusion, flow
@@ -30,6 +31,7 @@ from dit_jax.train.config_io import ConfigError, config_to_dict
 from dit_jax.train.optim import ema_params, make_optimizer
 from dit_jax.train.sharding import (
     batch_sharding,
+    local_rows,
     make_mesh,
     mesh_context,
     param_shardings,
@@ -42,15 +44,6 @@ from dit_jax.train.step import make_train_step
 
 log = logging.getLogger("dit_jax.train")
 FAULT_ENV = "DIT_JAX_FAULT_AFTER_STEP"  # test hook: SIGKILL this process once the checkpoint of that step is on disk
-
-
-def _maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize() when launched on several hosts (TPU pod slices, or an explicit coordinator)."""
-    if jax.process_count() > 1:
-        return
-    multi_host = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")
-    if multi_host:
-        jax.distributed.initialize()
 
 
 def diffusion_kwargs(diffusion_cfg: Any) -> dict[str, Any]:
@@ -102,7 +95,8 @@ def flow_samples(graphdef: nnx.GraphDef, state: Any, labels: np.ndarray, config:
 
 def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume) in `workdir`. Returns a summary dict (final step, last metrics, paths)."""
-    _maybe_initialize_distributed()
+    distributed.initialize()  # no-op if the CLI started the job (or one process); env JAX_* otherwise
+    tag = distributed.process_tag()  # "[p1/4] " on every line a process prints about itself
     workdir = epath.Path(workdir)  # a local folder, or gs://... (Orbax writes there; logs are staged, metrics.py)
     is_main = jax.process_index() == 0
     if is_main:
@@ -114,7 +108,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     global_batch = config.train.global_batch
     if global_batch % mesh.size:
         raise ValueError(f"train.global_batch={global_batch} is not divisible by the {mesh.size} devices")
-    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    log.info("%smesh %s over %d devices (%d processes)", tag, dict(mesh.shape), mesh.size, jax.process_count())
 
     # ================================================================ input
     flow_objective = config.objective == "flow"
@@ -122,7 +116,10 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     latent_scale = config.data.latent_scale if config.data.source == "latents" else None
     # REPA's target encoder reads the clean images: latent shards must carry them (extract-latents --store-images)
     try:
+        # this process reads the rows of every global batch that its devices hold: the data order depends on
+        # (data, seed, global batch) only, so 1 x 8 devices, 2 x 4 and a resume on another topology agree
         data_iter = make_train_iterator(config.data, global_batch=global_batch, seed=config.seed,
+                                        rows=local_rows(mesh, global_batch),
                                         with_images=repa_on and latent_scale is not None)
     except (ValueError, FileNotFoundError) as e:  # missing, mismatched or unsuitable data: say so plainly
         raise ConfigError(f"cannot open the training data ({config.data.source}): {e}") from e
@@ -141,7 +138,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
         state = restored.state
         if restored.data_state:
             data_iter.set_state(restored.data_state)
-        print(f"resumed from step {restored.step} in {ckpt.directory}", flush=True)
+        print(f"{tag}resumed from step {restored.step} in {ckpt.directory}", flush=True)
     else:
         if repa_on and config.repa.encoder == "dinov2_vitb14" and not config.repa.encoder_path:
             raise ConfigError(
@@ -183,7 +180,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     mem_gb = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**30
-    print(f"model {n_params / 1e6:.2f}M params; train step compiled in {compile_s:.1f}s"
+    print(f"{tag}model {n_params / 1e6:.2f}M params; train step compiled in {compile_s:.1f}s"
           + (f", {mem_gb:.2f} GiB per device (args + temps)" if mem_gb is not None else ""), flush=True)
 
     # ================================================================ checkpointing
@@ -203,6 +200,8 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     flops_per_step = train_flops_per_example(config) * global_batch
     total = config.train.steps
     progress = metrics_lib.Progress(total, initial=start_step) if is_main else None
+    # a line per log step wherever no bar is shown: batch jobs' logs, and every process but the first
+    log_lines = progress is None or not progress.shown
     window: list[dict] = []
     last_good_ckpt = ckpt.latest_step()
     t_window = time.perf_counter()
@@ -243,6 +242,8 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
             window, t_window = [], time.perf_counter()
             if progress:
                 progress.update(step, last)
+            if log_lines:
+                print(f"{tag}step {step}/{total} {metrics_lib.format_metrics(last)}", flush=True)
 
         if config.train.sample_every and step % config.train.sample_every == 0 and step != total:
             _write_samples(writer, graphdef, state, config, step)
@@ -258,7 +259,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
             if preempted:
                 ckpt.wait()
                 status = "preempted"
-                print(f"SIGTERM: saved step {step} and stopping", flush=True)
+                print(f"{tag}SIGTERM: saved step {step} and stopping", flush=True)
                 break
 
     # ================================================================ wrap up
@@ -275,9 +276,17 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _write_samples(writer: Any, graphdef: nnx.GraphDef, state: dict, config: Any, step: int) -> None:
-    """An EMA sample grid (pixel-space models only until the VAE lands), one class per row."""
+    """An EMA sample grid (pixel-space models only until the VAE lands), one class per row, written by process 0."""
     if config.data.source == "latents":
         return  # decoding latents needs the VAE
-    params = ema_params(state["opt_state"])
-    _, images = sample_grid(graphdef, params, state["rest"], config, jax.random.key(step))
+    params, rest = ema_params(state["opt_state"]), state["rest"]
+    if jax.process_count() > 1:
+        # the state lives on every process's devices: gather a host copy (a collective: every process takes part),
+        # then only the process that writes the grid samples it, on its own devices
+        from jax.experimental import multihost_utils
+
+        params, rest = multihost_utils.process_allgather((params, rest), tiled=True)
+        if jax.process_index() != 0:
+            return
+    _, images = sample_grid(graphdef, params, rest, config, jax.random.key(step))
     writer.write_images(step, "ema_samples", make_grid(images, nrow=config.train.sample_per_class))

@@ -260,7 +260,7 @@ class Progress:
     """A tqdm bar (rate and ETA) whose postfix shows the latest metrics.
 
     enabled=None shows it only in a terminal or a notebook (logs of batch jobs stay free of carriage returns; the
-    trainer prints format_metrics lines there anyway).
+    trainer prints a format_metrics line per log step there instead).
     """
 
     def __init__(self, total_steps: int, initial: int = 0, *, enabled: bool | None = None, desc: str = "train"):
@@ -276,6 +276,10 @@ class Progress:
     @property
     def n(self) -> int:
         return int(self._bar.n)
+
+    @property
+    def shown(self) -> bool:
+        return not self._bar.disable
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         """Move the bar to `step` (absolute) and show `metrics`."""

@@ -37,6 +37,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def local_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+    """The rows of a (global_batch, ...) batch that this process's devices hold under batch_sharding, sorted:
+    what this process reads of every global batch (the order `shard_batch` expects its local data in)."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((int(global_batch),))
+    rows = set()
+    for index in index_map.values():
+        rows.update(range(*index[0].indices(int(global_batch))))
+    return np.asarray(sorted(rows), np.int64)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
