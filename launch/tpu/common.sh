@@ -173,15 +173,59 @@ queued_exists() {
   QUEUED_STATE=$DESCRIBED
 }
 
-# tpu_workers NAME: 0 when the TPU VM exists; its number of workers (hosts) is in TPU_WORKERS.
-tpu_workers() {
-  describe_value tpu-vm "$1" 'value(networkEndpoints.len())' || return 1
-  TPU_WORKERS=$DESCRIBED
+# tpu_info NAME: 0 when the TPU VM exists; its state is in TPU_STATE and its number of workers (hosts, one
+# network endpoint each) in TPU_WORKERS: a positive number, or empty when it has none yet (CREATING, ...).
+tpu_info() {
+  local fields
+  describe_value tpu-vm "$1" 'value(state,networkEndpoints.len())' || return 1
+  read -r -a fields <<<"$DESCRIBED"
+  TPU_STATE=${fields[0]:-}
+  TPU_WORKERS=${fields[1]:-}
+  [[ $TPU_WORKERS =~ ^[1-9][0-9]*$ ]] || TPU_WORKERS=""
 }
+
+# tpu_state_advice NAME STATE: what a TPU VM in STATE is good for, in ADVICE (one sentence that ends in what to
+# do; a gcloud command in it comes last, after a colon). Returns 0 when it is usable (READY), 1 when it is on
+# its way to READY (wait), 2 otherwise (the user must act: start it, or delete and recreate it).
+# States: cloud.google.com/tpu/docs/reference/rest/v2/projects.locations.nodes#State
+tpu_state_advice() {
+  local name=$1 state=$2 where="--zone=$TPU_ZONE${TPU_PROJECT:+ --project=$TPU_PROJECT}"
+  case $state in
+    READY)
+      ADVICE="TPU VM $name is READY"
+      return 0 ;;
+    CREATING | STARTING | RESTARTING | REPAIRING | UNHIDING)
+      ADVICE="TPU VM $name is $state: wait until it is READY; check with: gcloud compute tpus tpu-vm describe $name $where --format='value(state)'"
+      return 1 ;;
+    STOPPING)
+      ADVICE="TPU VM $name is STOPPING: once it is STOPPED, start it with: gcloud compute tpus tpu-vm start $name $where"
+      return 2 ;;
+    STOPPED)
+      ADVICE="TPU VM $name is STOPPED: start it with: gcloud compute tpus tpu-vm start $name $where"
+      return 2 ;;
+    PREEMPTED | TERMINATED)
+      ADVICE="TPU VM $name is $state: a $(tr '[:upper:]' '[:lower:]' <<<"$state") TPU VM cannot be restarted; delete it (teardown.sh) and create it again (create.sh, setup.sh; train.sh then resumes from the workdir's newest checkpoint)"
+      return 2 ;;
+    DELETING)
+      ADVICE="TPU VM $name is DELETING: rerun create.sh once it is gone"
+      return 2 ;;
+    HIDING | HIDDEN)
+      ADVICE="TPU VM $name is $state and cannot be used; delete it (teardown.sh) and create it again (create.sh)"
+      return 2 ;;
+    *)
+      ADVICE="TPU VM $name is in state '$state', which these scripts do not know; look at it with: gcloud compute tpus tpu-vm describe $name $where"
+      return 2 ;;
+  esac
+}
+
+# Keepalive for every ssh session (gcloud splits each --ssh-flag on spaces): a long silent session, such as
+# train.sh --wait or setup.sh's pip install, is not dropped by an idle-connection timeout on the way, and a
+# dead connection is noticed after ServerAliveInterval x ServerAliveCountMax = 5 minutes.
+SSH_KEEPALIVE=('--ssh-flag=-o ServerAliveInterval=60' '--ssh-flag=-o ServerAliveCountMax=5')
 
 # ssh_workers NAME WORKER COMMAND: run COMMAND on worker WORKER (0, 1, ... or all) of TPU NAME.
 ssh_workers() {
-  run_gcloud compute tpus tpu-vm ssh "$1" "--zone=$TPU_ZONE" "--worker=$2" "--command=$3"
+  run_gcloud compute tpus tpu-vm ssh "$1" "--zone=$TPU_ZONE" "--worker=$2" "${SSH_KEEPALIVE[@]}" "--command=$3"
 }
 
 # join_statements STATEMENT ...: one shell line; each statement must be complete on its own.
@@ -215,12 +259,19 @@ normalize_overrides() {
   done
 }
 
-# check_workdir NAME WORKDIR: every worker of a multi-host slice must write to the same place, so WORKDIR
-# must be on GCS there (exit 2 otherwise). A missing TPU is an error (a warning in dry-run mode).
-check_workdir() {
+# check_tpu_for_training NAME WORKDIR: the TPU VM must exist and be READY (an error otherwise; a warning in
+# dry-run mode), and every worker of a multi-host slice must write to the same place, so WORKDIR must be on
+# GCS there (exit 2 otherwise). Sets WORKERS: the slice's number of workers (hosts), empty when unknown (a dry
+# run of a TPU that does not exist yet).
+check_tpu_for_training() {
   local name=$1 workdir=$2 workers
-  if tpu_workers "$name"; then
+  WORKERS=""
+  if tpu_info "$name"; then
     workers=$TPU_WORKERS
+    if ! tpu_state_advice "$name" "$TPU_STATE"; then
+      ((DRY_RUN)) || die "$ADVICE"
+      info "warning: $ADVICE; a real run would fail here"
+    fi
   else
     if ((DRY_RUN)); then
       info "warning: TPU $name does not exist in $TPU_ZONE (yet); a real run would fail here"
@@ -229,21 +280,24 @@ check_workdir() {
     fi
     die "TPU $name does not exist in zone $TPU_ZONE: create it first (create.sh)"
   fi
+  WORKERS=$workers
   if [[ $workdir != gs://* ]]; then
-    if [[ $workers =~ ^[0-9]+$ ]] && ((workers > 1)); then
+    if [[ -n $workers ]] && ((workers > 1)); then
       usage_error "--workdir must be a gs:// path on a multi-worker slice ($name has $workers workers, each with its own disk): got '$workdir'"
     fi
     info "warning: --workdir $workdir is on the TPU VM's own disk, not on GCS; it is lost when the TPU is deleted"
   fi
 }
 
-# train_remote_command CONFIG WORKDIR LOGNAME WAIT OVERRIDE ...: the command every worker runs.
-# Starts `dit-jax train` detached (setsid + nohup: closing ssh does not stop it), appending to
-# ~/dit-jax-logs/LOGNAME.log, unless a run with the same LOGNAME is still going on that worker (then it
-# says so and starts nothing). WAIT=1: then waits for the run to end and exits with its status.
+# train_remote_command CONFIG WORKDIR LOGNAME WAIT PROGRESS ARG ...: the command every worker runs.
+# Starts `dit-jax train --config CONFIG --workdir WORKDIR ARG ...` detached (setsid + nohup: closing ssh does
+# not stop it), appending to ~/dit-jax-logs/LOGNAME.log, unless a run with the same LOGNAME is still going on
+# that worker (then it says so and starts nothing). WAIT=1: then waits for the run to end and exits with its
+# status, printing a line every PROGRESS seconds meanwhile (0: none) with the log's last line, so that the
+# session is never silent for long.
 train_remote_command() {
-  local config=$1 workdir=$2 logname=$3 wait=$4
-  shift 4
+  local config=$1 workdir=$2 logname=$3 wait=$4 progress=$5
+  shift 5
   local trainer runner stmts
   trainer=$(quote_words train --config "$config" --workdir "$workdir" "$@")
   # shellcheck disable=SC2016
@@ -260,15 +314,36 @@ train_remote_command() {
     "if [ -n \"\$pid\" ] && kill -0 \"\$pid\" 2>/dev/null && grep -q dit-jax \"/proc/\$pid/cmdline\" 2>/dev/null; then echo \"\$(hostname): $logname is already running (pid \$pid): not starting another\"; else rm -f \"\$rcf\"; nohup setsid bash -c $(shquote "$runner") dit-jax-run \"\$log\" \"\$rcf\" $REMOTE_VENV/bin/dit-jax $trainer </dev/null >/dev/null 2>&1 & pid=\$!; echo \"\$pid\" >\"\$pidf\"; echo \"\$(hostname): started $logname (pid \$pid), log \$log\"; fi"
   )
   if ((wait)); then
+    # A ticker prints progress while `wait` blocks (wait returns as soon as the run ends); killed, it stops its
+    # own sleep too.
     # shellcheck disable=SC2016
     stmts+=(
+      'tick='
+      "if [ $progress -gt 0 ]; then ( s=; trap 'kill \$s 2>/dev/null; exit 0' TERM; t=0; while :; do sleep $progress </dev/null >/dev/null 2>&1 & s=\$!; wait \$s; t=\$((t + $progress)); echo \"\$(hostname): $logname still running after \${t}s; log: \$(tail -n 1 \"\$log\" 2>/dev/null | tr -d '\\r' | cut -c 1-200)\"; done ) & tick=\$!; fi"
       'wait "$pid" 2>/dev/null || true'
-      'while kill -0 "$pid" 2>/dev/null; do sleep 30; done'
+      'while kill -0 "$pid" 2>/dev/null; do sleep 5; done'
+      'if [ -n "$tick" ]; then kill "$tick" 2>/dev/null || true; fi'
       'rc=$(cat "$rcf" 2>/dev/null || echo 1)'
       "echo \"\$(hostname): $logname finished with exit status \$rc\""
       'exit "$rc"'
     )
   fi
+  join_statements "${stmts[@]}"
+}
+
+# idle_remote_command POLL PROGRESS: a worker command that returns once no dit-jax run started by train.sh is
+# going on that worker (the pid files in ~/dit-jax-logs, as train.sh's own check), checking every POLL seconds
+# and saying what it waits for every PROGRESS seconds (silent when there is nothing to wait for).
+idle_remote_command() {
+  local poll=$1 progress=$2 stmts
+  # shellcheck disable=SC2016
+  stmts=(
+    'set -eu'
+    "busy() { for f in $REMOTE_LOGS/*.pid; do [ -e \"\$f\" ] || continue; p=\$(cat \"\$f\" 2>/dev/null || true); if [ -n \"\$p\" ] && kill -0 \"\$p\" 2>/dev/null && grep -q dit-jax \"/proc/\$p/cmdline\" 2>/dev/null; then printf ' %s (pid %s)' \"\$(basename \"\$f\" .pid)\" \"\$p\"; fi; done; }"
+    't=0; next=0'
+    "while runs=\$(busy); [ -n \"\$runs\" ]; do if [ \"\$t\" -ge \"\$next\" ]; then echo \"\$(hostname): waiting for a run still going:\$runs\"; next=\$((t + $progress)); fi; sleep $poll; t=\$((t + $poll)); done"
+    "if [ \"\$t\" -gt 0 ]; then echo \"\$(hostname): no run going any more (waited \${t}s)\"; fi"
+  )
   join_statements "${stmts[@]}"
 }
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # create.sh: create a Cloud TPU VM (directly, or through a queued resource) unless it already exists.
 #
-#   launch/tpu/create.sh --name dit-v4 --zone us-central2-b --accelerator-type v4-8
-#   launch/tpu/create.sh --name dit-pod --zone us-east1-d --accelerator-type v3-256 --spot
+#   launch/tpu/create.sh --name dit-pod --zone us-central2-b --accelerator-type v4-32
+#   launch/tpu/create.sh --name dit-v3 --zone europe-west4-a --accelerator-type v3-256 --spot
 #   launch/tpu/create.sh --name dit-v5e --zone us-west4-a --accelerator-type v5e-256 --queued --dry-run
+#
+# Zones offer some generations only (cloud.google.com/tpu/docs/regions-zones), e.g. v3 pods europe-west4-a and
+# us-central1-a; v4 us-central2-b; v5e us-west4-a, us-east5-b, europe-west4-b; v5p us-east5-a.
 #
 # Options:
 #   --name NAME              TPU name (env DIT_JAX_TPU_NAME)                                    [required]
@@ -22,6 +25,10 @@
 #
 # Idempotent: an existing TPU VM (or queued resource) of that name is left alone; for a queued resource
 # the script then only waits for it to become ACTIVE, so rerunning it after a timeout keeps waiting.
+# An existing TPU VM that is not READY: on its way (CREATING, STARTING, REPAIRING, ...) exit status 0, to
+# wait for; STOPPED: exit status 1 and the `gcloud compute tpus tpu-vm start` command to run; PREEMPTED or
+# TERMINATED (spot and preemptible TPUs end so, and cannot be restarted), DELETING, HIDDEN: exit status 1, to
+# delete it (teardown.sh) and create it again. The same for a queued resource that is FAILED or SUSPENDED.
 set -euo pipefail
 # shellcheck source=launch/tpu/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -92,6 +99,7 @@ wait_until_active() {
       ACTIVE) info "queued resource $TPU_NAME is ACTIVE: TPU VM $TPU_NAME is ready"; return 0 ;;
       FAILED | SUSPENDED | SUSPENDING | ABSENT)
         die "queued resource $TPU_NAME is $state; delete it (teardown.sh) and create it again" ;;
+      DELETING) die "queued resource $TPU_NAME is DELETING: rerun create.sh once it is gone" ;;
     esac
     if ((SECONDS - start >= WAIT_TIMEOUT)); then
       die "queued resource $TPU_NAME is still $state after ${WAIT_TIMEOUT}s; rerun create.sh to keep waiting"
@@ -101,12 +109,24 @@ wait_until_active() {
   done
 }
 
+# existing_tpu_vm WHAT: the TPU VM $TPU_NAME exists (in TPU_STATE); say what it is good for and exit: 0 when it
+# is READY or on its way there, 1 when the user must act (start it, or delete and recreate it).
+existing_tpu_vm() {
+  local rc=0
+  tpu_state_advice "$TPU_NAME" "$TPU_STATE" || rc=$?
+  case $rc in
+    0) info "TPU VM $TPU_NAME already exists in $TPU_ZONE ($TPU_STATE)$1: nothing to do" ;;
+    1) info "TPU VM $TPU_NAME already exists in $TPU_ZONE$1, not creating it again; $ADVICE" ;;
+    *) die "$ADVICE" ;;
+  esac
+  exit 0
+}
+
 if ((QUEUED)); then
   if queued_exists "$TPU_NAME"; then
     info "queued resource $TPU_NAME already exists in $TPU_ZONE ($QUEUED_STATE): not creating it again"
   elif tpu_exists "$TPU_NAME"; then
-    info "TPU VM $TPU_NAME already exists in $TPU_ZONE ($TPU_STATE), not as a queued resource: nothing to do"
-    exit 0
+    existing_tpu_vm ", not as a queued resource"
   else
     run_gcloud compute tpus queued-resources create "$TPU_NAME" "--zone=$TPU_ZONE" "--node-id=$TPU_NAME" \
       "${FLAGS[@]}" "--runtime-version=$RUNTIME"
@@ -114,8 +134,7 @@ if ((QUEUED)); then
   wait_until_active
 else
   if tpu_exists "$TPU_NAME"; then
-    info "TPU VM $TPU_NAME already exists in $TPU_ZONE ($TPU_STATE): nothing to do"
-    exit 0
+    existing_tpu_vm ""
   fi
   run_gcloud compute tpus tpu-vm create "$TPU_NAME" "--zone=$TPU_ZONE" "${FLAGS[@]}" "--version=$RUNTIME"
 fi

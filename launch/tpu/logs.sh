@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # logs.sh: show the training log of one worker (or all) of a TPU VM.
 #
-#   launch/tpu/logs.sh --name dit-pod --zone us-east1-d --follow
-#   launch/tpu/logs.sh --name dit-pod --zone us-east1-d --worker 3 --log dit-xl2-256 --lines 500
+#   launch/tpu/logs.sh --name dit-pod --zone us-central2-b --follow
+#   launch/tpu/logs.sh --name dit-pod --zone us-central2-b --worker 3 --log dit-xl2-256 --lines 500
 #
 # Options:
 #   --name NAME        TPU name (env DIT_JAX_TPU_NAME)                                             [required]

@@ -2,7 +2,7 @@
 # setup.sh: install jax[tpu] and dit-jax on every worker of a TPU VM (all at once, --worker=all).
 #
 #   launch/tpu/setup.sh --name dit-v4 --zone us-central2-b                      # copy this checkout
-#   launch/tpu/setup.sh --name dit-pod --zone us-east1-d --repo https://github.com/OWNER/dit-jax.git --ref main
+#   launch/tpu/setup.sh --name dit-pod --zone us-central2-b --repo https://github.com/OWNER/dit-jax.git --ref main
 #
 # Options:
 #   --name NAME          TPU name (env DIT_JAX_TPU_NAME)                                         [required]

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # ssh.sh: an ssh session on one worker of a TPU VM, or a command on one worker or all of them.
 #
-#   launch/tpu/ssh.sh --name dit-pod --zone us-east1-d                         # interactive, worker 0
-#   launch/tpu/ssh.sh --name dit-pod --zone us-east1-d --worker all -- ls -l dit-jax-logs
-#   launch/tpu/ssh.sh --name dit-pod --zone us-east1-d --worker all -- 'pkill -f "dit-jax train"'
+#   launch/tpu/ssh.sh --name dit-pod --zone us-central2-b                      # interactive, worker 0
+#   launch/tpu/ssh.sh --name dit-pod --zone us-central2-b --worker all -- ls -l dit-jax-logs
+#   launch/tpu/ssh.sh --name dit-pod --zone us-central2-b --worker all -- 'pkill -f "dit-jax train"'
 #
 # Options:
 #   --name NAME        TPU name (env DIT_JAX_TPU_NAME)                                             [required]
@@ -39,5 +39,5 @@ if ((${#COMMAND[@]})); then
   ssh_workers "$TPU_NAME" "$WORKER" "${COMMAND[*]}"
 else
   [[ $WORKER =~ ^[0-9]+$ ]] || usage_error "an interactive session needs one --worker index (a command can go to several)"
-  run_gcloud compute tpus tpu-vm ssh "$TPU_NAME" "--zone=$TPU_ZONE" "--worker=$WORKER"
+  run_gcloud compute tpus tpu-vm ssh "$TPU_NAME" "--zone=$TPU_ZONE" "--worker=$WORKER" "${SSH_KEEPALIVE[@]}"
 fi

@@ -12,6 +12,10 @@
 #   --sweep NAME           scaling (default: S/B/L/XL x patch 8/4/2, twelve points), blocks (XL/2 with the
 #                          four block designs) or all
 #   --res PIXELS           image resolution of the points (default 256)
+#   --poll-interval SECONDS
+#                          how often a TPU that still runs an earlier job is checked again (default 30)
+#   --progress-interval SECONDS
+#                          a line from each worker this often while a point runs or is waited for (default 300)
 #   --project PROJECT      gcloud project (env DIT_JAX_TPU_PROJECT)
 #   --dry-run              print the gcloud commands instead of running them
 #   -h, --help             this help
@@ -19,9 +23,14 @@
 #
 # The points come from `python -m configs.sweeps --json` (run here with ${PYTHON:-python3}). Point i goes to
 # TPU i mod N (round robin); each TPU runs its points one after another, each as train.sh --wait (all
-# workers, log ~/dit-jax-logs/SLUG.log), and the TPUs run in parallel. Exit status 1 if any point failed.
-# Rerunning the sweep resumes: a finished point restores its last checkpoint and stops at once, an
-# unfinished one resumes from its newest checkpoint. A dry run prints the TPUs' shares one after another.
+# workers, log ~/dit-jax-logs/SLUG.log, --num-processes = the TPU's workers), and the TPUs run in parallel.
+# Before each point one ssh session to all the TPU's workers waits until no run started by train.sh is still
+# going there (the pid files in ~/dit-jax-logs, as train.sh's own check): a point whose ssh session dropped
+# (counted as failed) may still be training, and the next one must not start beside it. When that check
+# itself fails three times (no ssh), the TPU's remaining points are not started and count as failed.
+# Exit status 1 if any point failed. Rerunning the sweep resumes: a finished point restores its last
+# checkpoint and stops at once, an unfinished one resumes from its newest checkpoint. A dry run prints the
+# TPUs' shares one after another.
 set -euo pipefail
 # shellcheck source=launch/tpu/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -30,6 +39,8 @@ NAMES=""
 WORKDIR_ROOT=""
 SWEEP=scaling
 RES=256
+POLL=30
+PROGRESS=300
 EXTRA=()
 
 normalize_args "$@"
@@ -40,6 +51,8 @@ while (($#)); do
     --workdir-root) need_value "$@"; WORKDIR_ROOT=$2; shift 2 ;;
     --sweep) need_value "$@"; SWEEP=$2; shift 2 ;;
     --res) need_value "$@"; RES=$2; shift 2 ;;
+    --poll-interval) need_value "$@"; POLL=$2; shift 2 ;;
+    --progress-interval) need_value "$@"; PROGRESS=$2; shift 2 ;;
     --name) usage_error "sweep.sh takes --names A[,B,...], not --name" ;;
     --) shift; EXTRA=("$@"); break ;;
     *) common_option "$@"; shift "$COMMON_SHIFT" ;;
@@ -48,6 +61,8 @@ done
 require --zone="$TPU_ZONE" --names="$NAMES" --workdir-root="$WORKDIR_ROOT"
 case $SWEEP in scaling | blocks | all) ;; *) usage_error "--sweep must be scaling, blocks or all, got '$SWEEP'" ;; esac
 [[ $RES =~ ^[0-9]+$ ]] || usage_error "--res must be a number of pixels, got '$RES'"
+[[ $POLL =~ ^[1-9][0-9]*$ ]] || usage_error "--poll-interval must be a positive number of seconds, got '$POLL'"
+[[ $PROGRESS =~ ^[1-9][0-9]*$ ]] || usage_error "--progress-interval must be a positive number of seconds, got '$PROGRESS'"
 IFS=, read -r -a TPUS <<<"$NAMES"
 for t in "${TPUS[@]}"; do
   [[ -n $t ]] || usage_error "--names has an empty entry: '$NAMES'"
@@ -70,12 +85,26 @@ info "${#POINTS[@]} points ($SWEEP sweep) on ${#TPUS[@]} TPU(s): ${TPUS[*]}"
 
 # Check every TPU before starting anything (a missing TPU or a local workdir on a pod fails here, not later).
 for t in "${TPUS[@]}"; do
-  check_workdir "$t" "$WORKDIR_ROOT"
+  check_tpu_for_training "$t" "$WORKDIR_ROOT"
 done
 
 COMMON_FLAGS=("--zone=$TPU_ZONE")
 if [[ -n $TPU_PROJECT ]]; then COMMON_FLAGS+=("--project=$TPU_PROJECT"); fi
 if ((DRY_RUN)); then COMMON_FLAGS+=(--dry-run); fi
+
+# wait_idle TPU: returns once no run started by train.sh is going on any worker of TPU (tried three times
+# when the ssh session fails); 1 when that could not be checked.
+wait_idle() {
+  local tpu=$1 try
+  for try in 1 2 3; do
+    if ssh_workers "$tpu" all "$(idle_remote_command "$POLL" "$PROGRESS")"; then
+      return 0
+    fi
+    info "[$tpu] could not check for a run still going on $tpu (attempt $try of 3)"
+    ((try == 3)) || sleep "$POLL"
+  done
+  return 1
+}
 
 # run_share K: the points i with i mod N == K, one after another on TPU K; returns the number that failed.
 run_share() {
@@ -84,11 +113,16 @@ run_share() {
     IFS=$'\t' read -r -a fields <<<"${POINTS[$i]}"
     slug=${fields[0]}
     config=${fields[1]}
+    if ! wait_idle "$tpu"; then
+      local left=$(((${#POINTS[@]} - i + ${#TPUS[@]} - 1) / ${#TPUS[@]}))
+      info "[$tpu] cannot tell whether an earlier run still goes on $tpu (ssh fails): not starting its $left remaining point(s), from $slug on; check it (logs.sh, ssh.sh) and rerun the sweep"
+      return $((failed + left))
+    fi
     info "[$tpu] point $((i + 1))/${#POINTS[@]}: $slug ($config)"
     if ! "$LAUNCH_DIR/train.sh" --name "$tpu" "${COMMON_FLAGS[@]}" --config "$config" \
-      --workdir "$WORKDIR_ROOT/$slug" --log "$slug" --wait \
+      --workdir "$WORKDIR_ROOT/$slug" --log "$slug" --wait --progress-interval "$PROGRESS" \
       -- "${fields[@]:2}" ${OVERRIDES[@]+"${OVERRIDES[@]}"}; then
-      info "[$tpu] point $slug FAILED"
+      info "[$tpu] point $slug FAILED (if its ssh session dropped, it may still be running: the next point on $tpu waits for it)"
       failed=$((failed + 1))
     fi
   done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # teardown.sh: delete a TPU VM, or the queued resource that holds it.
 #
-#   launch/tpu/teardown.sh --name dit-pod --zone us-east1-d
+#   launch/tpu/teardown.sh --name dit-pod --zone us-central2-b
 #   launch/tpu/teardown.sh --name dit-v5e --zone us-west4-a --queued --dry-run
 #
 # Options:
