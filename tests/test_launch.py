@@ -230,6 +230,17 @@ def env(tmp_path: Path) -> Env:
     ("v5e-256", "v5litepod-256", "v2-alpha-tpuv5-lite"),
     ("v5p-128", "v5p-128", "v2-alpha-tpuv5"),
 ])
+def fake_worker_home(tmp_path: Path, trainer_script: str) -> Path:
+    """A worker's home as setup.sh leaves it (~/dit-jax, ~/dit-jax-venv/bin/dit-jax), the trainer a fake script."""
+    home = tmp_path / "home"
+    (home / "dit-jax").mkdir(parents=True)
+    fake = home / "dit-jax-venv" / "bin" / "dit-jax"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(trainer_script)
+    fake.chmod(0o755)
+    return home
+
+
 def test_create_plain(env: Env, accel: str, gcloud_accel: str, runtime: str):
     cmds = dry_then_real(env, "create.sh", "--name", "t1", "--zone", "us-central2-b", "--accelerator-type", accel)
     assert cmds == [["compute", "tpus", "tpu-vm", "create", "t1", "--zone=us-central2-b",
@@ -357,14 +368,9 @@ def test_train_all_workers_quoting(env: Env, tmp_path: Path):
     assert "nohup setsid" in remote and '"$HOME/dit-jax-logs"/xl2.log' in remote
 
     # what a worker's shell does with it: start the trainer detached, with exactly that argv
-    home = tmp_path / "home"
-    (home / "dit-jax").mkdir(parents=True)
-    fake = home / "dit-jax-venv" / "bin" / "dit-jax"
-    fake.parent.mkdir(parents=True)
-    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                    "open(os.path.expanduser('~/argv.json'), 'w').write(json.dumps(sys.argv[1:]))\n"
-                    "print('training...')\n")
-    fake.chmod(0o755)
+    home = fake_worker_home(tmp_path, f"#!{sys.executable}\nimport json, os, sys\n"
+                            "open(os.path.expanduser('~/argv.json'), 'w').write(json.dumps(sys.argv[1:]))\n"
+                            "print('training...')\n")
     worker_env = dict(os.environ, HOME=str(home))
     waited = remote + '; wait "$pid" 2>/dev/null || true; while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done'
     r = subprocess.run(["bash", "-c", waited], env=worker_env, capture_output=True, text=True, timeout=30)
@@ -429,12 +435,7 @@ def test_train_wait_runs_on_worker(env: Env, tmp_path: Path):
                           "--workdir", "runs/local", "--log", "digits", "--wait")
     assert cmd[:-1] == ssh_prefix("v4", "z", "all")  # --wait's long session has keepalives
     remote = ssh_command(cmd)
-    home = tmp_path / "home"
-    (home / "dit-jax").mkdir(parents=True)
-    fake = home / "dit-jax-venv" / "bin" / "dit-jax"
-    fake.parent.mkdir(parents=True)
-    fake.write_text("#!/bin/sh\necho \"$@\"\nexit 3\n")
-    fake.chmod(0o755)
+    home = fake_worker_home(tmp_path, "#!/bin/sh\necho \"$@\"\nexit 3\n")
     t0 = time.monotonic()
     r = subprocess.run(["bash", "-c", remote], env=dict(os.environ, HOME=str(home)), capture_output=True,
                        text=True, timeout=30)
@@ -451,12 +452,7 @@ def test_train_wait_prints_progress(env: Env, tmp_path: Path):
     env.add_tpu("v4", workers=1)
     [cmd] = printed(env.run("train.sh", "--dry-run", "--name", "v4", "--zone", "z", "--config", "c.py",
                             "--workdir", "gs://b/slow", "--wait", "--progress-interval", "1").stdout)
-    home = tmp_path / "home"
-    (home / "dit-jax").mkdir(parents=True)
-    fake = home / "dit-jax-venv" / "bin" / "dit-jax"
-    fake.parent.mkdir(parents=True)
-    fake.write_text("#!/bin/sh\nfor i in 1 2 3 4 5; do echo \"step $i\"; sleep 0.5; done\n")
-    fake.chmod(0o755)
+    home = fake_worker_home(tmp_path, "#!/bin/sh\nfor i in 1 2 3 4 5; do echo \"step $i\"; sleep 0.5; done\n")
     r = subprocess.run(["bash", "-c", ssh_command(cmd)], env=dict(os.environ, HOME=str(home)),
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
