@@ -24,6 +24,7 @@ import argparse
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("dit_jax.distributed")
 
@@ -179,3 +180,58 @@ def process_tag() -> str:
 
     n = jax.process_count()
     return f"[p{jax.process_index()}/{n}] " if n > 1 else ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Waiting for the other processes of a job (sample-fid, extract-latents, evaluate, the checkpointer's restore).
+# ----------------------------------------------------------------------------------------------------------------
+# Through the job's key-value store (jax.distributed's coordination service), not device collectives: a process
+# may wait for hours (its peers sample or encode more shards), with no collective timeout and nothing to
+# compile. A process that dies ends the wait: the coordination service terminates the job.
+POLL_MS = 600_000
+_uses: dict[str, int] = {}
+
+
+def job_key(name: str) -> str:
+    """`name` made unique for this use: every process calls the same synchronisation points in the same order, so
+    the n-th use of a name gets the same key everywhere (a key can be set only once per job)."""
+    n = _uses[name] = _uses.get(name, -1) + 1
+    return f"{name}/{n}"
+
+
+def _client() -> Any:
+    from jax._src import distributed as jax_distributed  # the client jax.distributed.initialize() started
+
+    return jax_distributed.global_state.client
+
+
+def publish(key: str, value: str) -> None:
+    """Set `key` (once per job) in the job's key-value store."""
+    client = _client()
+    if client is not None:
+        client.key_value_set(key, value)
+
+
+def wait_for(key: str) -> str:
+    """The value of `key` once a process of the job has set it; no time limit."""
+    client = _client()
+    if client is None:  # pragma: no cover - several processes without jax.distributed.initialize()
+        raise RuntimeError("several processes but no jax.distributed client to wait on")
+    while True:
+        try:
+            return str(client.blocking_key_value_get(key, POLL_MS))
+        except RuntimeError as e:  # jax.errors.JaxRuntimeError
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise
+
+
+def all_agree(name: str, ok: bool) -> bool:
+    """True when `ok` holds on every process; returns when every process has called it with this `name` (a
+    barrier: every process must make the same calls in the same order). One process: `ok`."""
+    import jax
+
+    if jax.process_count() == 1:
+        return ok
+    key = job_key(name)
+    publish(f"{key}/{jax.process_index()}", "1" if ok else "0")
+    return all([wait_for(f"{key}/{i}") == "1" for i in range(jax.process_count())])

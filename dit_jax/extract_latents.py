@@ -10,8 +10,12 @@ Each image gets the ADM centre crop (as training from pixels would), is encoded 
 log-variance (and, with --flip, so is its mirror image), and written as one record; the trainer samples a fresh
 latent 0.18215 * (mean + std * eps) every step (data.source = "latents"). The output is a folder of shards
 `latents-00000-of-00128.array_record` (+ `.json` sidecars), each written atomically: an interrupted run is
-resumed by running the same command, which skips the finished shards. Several processes (or hosts) split the
-shards with --process-index / --process-count. Unreadable images are skipped and counted.
+resumed by running the same command, which skips the finished shards. Unreadable images are skipped and counted.
+
+Several processes (the hosts of a pod, or --coordinator/--num-processes/--process-id, or
+launch/local/multiprocess.sh) run the same command as one JAX job and split the shards round-robin (shard s is
+process s mod N's); each writes only its own shards and their sidecars, into an --out that every process sees.
+The records do not depend on the number of processes: any split writes the same shards as one process.
 
 --store-images also keeps each centre-cropped image (uint8) in its record: REPA (DDT's recipe,
 configs/ddt_imagenet.py) aligns to DINOv2 features of the clean image, so training DDT with REPA on latents needs
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax import distributed
 from dit_jax.models.vae import SD_VAE_SCALE
 
 log = logging.getLogger("dit_jax.extract_latents")
@@ -97,15 +102,16 @@ def extract(
     flip: bool = True,
     store_images: bool = False,
     num_shards: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
+    process_index: int | None = None,
+    process_count: int | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Encode `source` (records {"key", "label", "image" | "data"} as dit_jax.data.sources give) into shards in
-    `out_dir`; store_images also writes each uint8 crop into its record (for REPA). Returns {"shards_written",
-    "shards_skipped", "encoded", "bad_records"}."""
-    from dit_jax.data.latents import read_latents_meta, write_latents
+    `out_dir`; store_images also writes each uint8 crop into its record (for REPA). This process writes shards
+    s with s % process_count == process_index (default: the JAX job's jax.process_index() / process_count()).
+    Returns this process's {"shards_written", "shards_skipped", "encoded", "bad_records"}."""
+    from dit_jax.data.latents import write_latents
     from dit_jax.data.transforms import DecodeImage
 
     if image_size % 8:
@@ -117,6 +123,11 @@ def extract(
         raise ValueError(f"{source!r} has no records")
     num_shards = num_shards or max(1, math.ceil(n / 10_000))
     per_shard = math.ceil(n / num_shards)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    tag = f"[p{process_index}/{process_count}] " if process_count > 1 else ""
+    # Finished shards (of every process, so that all processes refuse a mismatch alike, before any work).
+    done = {s for s in range(num_shards) if _finished(shard_path(out_dir, s, num_shards), flip, store_images)}
     decode = DecodeImage(image_size, 3)
     encode = _encoder(vae)
     stats = dict(shards_written=0, shards_skipped=0, encoded=0, bad_records=0)
@@ -124,12 +135,7 @@ def extract(
     t0 = time.perf_counter()
     for k, s in enumerate(mine):
         path = shard_path(out_dir, s, num_shards)
-        if path.exists() and Path(str(path) + ".json").exists():
-            done = read_latents_meta(path)
-            if bool(done.get("images", False)) != store_images or bool(done.get("flip")) != flip:
-                raise ValueError(
-                    f"{path} was written with flip={done.get('flip')}, images={done.get('images', False)}; this run "
-                    f"asks for flip={flip}, images={store_images}: use a new --out (or delete the old shards)")
+        if s in done:
             stats["shards_skipped"] += 1
             continue
         indices = range(s * per_shard, min((s + 1) * per_shard, n))
@@ -143,9 +149,24 @@ def extract(
         if progress:
             rate = stats["encoded"] / max(time.perf_counter() - t0, 1e-9)
             left = (len(mine) - k - 1) * per_shard / max(rate, 1e-9)
-            print(f"shard {s + 1}/{num_shards}: {stats['encoded']} images encoded ({rate:.1f}/s, "
+            print(f"{tag}shard {s + 1}/{num_shards}: {stats['encoded']} images encoded ({rate:.1f}/s, "
                   f"~{left / 60:.0f} min left), {stats['bad_records']} unreadable skipped", flush=True)
     return stats
+
+
+def _finished(path: Path, flip: bool, store_images: bool) -> bool:
+    """True if `path` is a finished shard (with its sidecar) written with these options; ValueError if it was
+    written with others."""
+    from dit_jax.data.latents import read_latents_meta
+
+    if not (path.exists() and Path(str(path) + ".json").exists()):
+        return False
+    done = read_latents_meta(path)
+    if bool(done.get("images", False)) != store_images or bool(done.get("flip")) != flip:
+        raise ValueError(
+            f"{path} was written with flip={done.get('flip')}, images={done.get('images', False)}; this run "
+            f"asks for flip={flip}, images={store_images}: use a new --out (or delete the old shards)")
+    return True
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -163,9 +184,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--store-images", action="store_true",
                    help="also store each uint8 centre crop (REPA needs the clean images; 3 bytes a pixel)")
     p.add_argument("--num-shards", type=int, default=None, help="default: one per 10,000 images")
-    p.add_argument("--process-index", type=int, default=None)
-    p.add_argument("--process-count", type=int, default=None)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (shared by every process of a multi-process job)")
+    distributed.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -174,6 +194,15 @@ def run(args: argparse.Namespace) -> int:
     from dit_jax.weights import pretrained_vae
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        distributed.from_args(args)  # before any other JAX call
+    except distributed.DistributedError as e:
+        print(f"dit-jax extract-latents: error: {e}", file=sys.stderr)
+        return 2
+    tag = distributed.process_tag()
+    if tag:  # every process's own log lines carry its index
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(f"{tag}%(levelname)s %(name)s: %(message)s"))
     try:
         if args.source == "folder":
             if not args.path:
@@ -185,16 +214,23 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, ImportError) as e:
         print(f"dit-jax extract-latents: error: {e}", file=sys.stderr)
         return 2
+    failed: Exception | None = None
     try:
         stats = extract(
             source, vae, args.out, image_size=args.image_size, batch_size=args.batch_size, flip=not args.no_flip,
-            store_images=args.store_images, num_shards=args.num_shards,
-            process_index=jax.process_index() if args.process_index is None else args.process_index,
-            process_count=jax.process_count() if args.process_count is None else args.process_count,
-            meta=dict(vae=str(args.vae)),
+            store_images=args.store_images, num_shards=args.num_shards, meta=dict(vae=str(args.vae)),
         )
-    except ValueError as e:  # e.g. finished shards written with other options
-        print(f"dit-jax extract-latents: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # e.g. finished shards written with other options, a full disk
+        failed = e
+    if failed is None and jax.process_count() > 1:
+        print(f"{tag}this process's shards are done: {stats}", flush=True)
+
+    if not distributed.all_agree("dit_jax/extract-latents/done", failed is None):  # the barrier: every shard is written
+        print(f"dit-jax extract-latents: error: {tag}"
+              f"{failed or 'another process failed (see its error); rerun the command to resume'}", file=sys.stderr)
         return 2
-    print(f"done: {stats}; train with --config.data.source=latents --config.data.path={args.out}")
+    if jax.process_index() != 0:
+        return 0
+    print(f"done: {stats if jax.process_count() == 1 else 'every process finished'}; train with "
+          f"--config.data.source=latents --config.data.path={args.out}")
     return 0

@@ -17,7 +17,9 @@ run; a model without a condition encoder samples with the same Euler loop and no
 
 --num-samples N writes N samples for FID instead of a grid, exactly as `dit-jax sample-fid` does for DiT: class-
 balanced shuffled labels, example i's noise from fold_in(key(seed), i), resumable shards under --sample-dir, then
-`<folder>.npz` (arr_0 uint8 NHWC) for the ADM evaluator (`dit-jax evaluate`).
+`<folder>.npz` (arr_0 uint8 NHWC) for the ADM evaluator (`dit-jax evaluate`). Several processes (a pod, or
+--coordinator/--num-processes/--process-id) split the shards as `sample-fid` does and write the same .npz as one
+process with the same --per-device-batch; a grid is written by process 0 only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 import jax
 
+from dit_jax import distributed
 from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import load_schedule, uniform_schedule
 from dit_jax.images import make_grid, save_png
@@ -55,6 +58,11 @@ def schedule_from_args(args: argparse.Namespace) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
+        distributed.from_args(args)  # before any other JAX call
+    except distributed.DistributedError as e:
+        print(f"dit-jax sample-ddt: error: {e}", file=sys.stderr)
+        return 2
+    try:
         if args.num_samples is not None and (args.num_samples < 1 or args.per_device_batch < 1):
             raise ValueError("--num-samples and --per-device-batch must be >= 1")
         loaded = load_flow_model(args.ckpt, variant=args.variant, image_size=args.image_size, which=args.which,
@@ -78,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     what = f"{args.num_samples:,} images for FID" if fid else f"{len(labels)} images"
     encoder = (f"encoder on {calls} of {args.steps} steps" if getattr(model, "num_encoder_blocks", 0)
                else "no condition encoder")
-    print(f"sampling {what} from {loaded.name} (Euler, {args.steps} steps, cfg {cfg} in "
+    print(f"{distributed.process_tag()}sampling {what} from {loaded.name} (Euler, {args.steps} steps, cfg {cfg} in "
           f"({args.interval_min}, {args.interval_max}), {encoder})", flush=True)
     if fid:
         return _run_fid(args, loaded, vae, sampler, settings, decoder, mesh, t0)
@@ -88,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     latents = sampler(labels, noise)
     images = decoder(latents)
     t2 = time.perf_counter()
+    if jax.process_index() != 0:  # every process sampled the same grid; the first one writes it
+        return 0
     upscale = max(1, 64 // images.shape[1])  # tiny pixel-space samples are enlarged to be visible
     out = save_png(make_grid(images, nrow=args.nrow), args.out, upscale=upscale)
     print(f"wrote {out.resolve()} ({len(labels)} images, labels {labels.tolist()}); sampling {t2 - t1:.1f}s, "
@@ -149,6 +159,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--sample-dir", default="samples", help="FID mode: parent of the shard folder and the .npz")
     p.add_argument("--overwrite", action="store_true", help="FID mode: discard shards made with other settings")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    distributed.add_arguments(p)
     p.set_defaults(func=run)
     return p
 

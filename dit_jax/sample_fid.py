@@ -13,8 +13,11 @@ Defaults follow the official sample_ddp.py (cfg 1.5, vae ema, 250 steps, 32 per 
 
 Work is written shard by shard (`<folder>/shard_00000.npz` ...: images, labels, indices), each atomically; a
 rerun with the same settings skips finished shards, so an interrupted or preempted run loses at most one shard
-per process. Processes of a multi-host job take shards round-robin and sample on their local devices; the
-first process assembles `<folder>.npz` (key arr_0, uint8 (N, H, W, 3), written as a stream) at the end.
+per process. Processes of a multi-host job (a TPU pod, --coordinator/--num-processes/--process-id, or
+launch/local/multiprocess.sh) take shards round-robin and sample on their local devices; the first process writes
+the manifest and assembles `<folder>.npz` (key arr_0, uint8 (N, H, W, 3), written as a stream) at the end. Each
+sample depends only on (seed, index, settings, per-device batch), so the .npz is the same, byte for byte, on
+any number of processes with the same --per-device-batch.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dit_jax import distributed
 from dit_jax.evaluate.npz import write_npz_stream
 from dit_jax.sample import Sampler, SampleSettings, data_mesh, example_keys
 
@@ -129,27 +133,66 @@ def sample_fid(
     folder = Path(folder)
     labels = fid_labels(num_samples, sampler.num_classes, seed)
     manifest = dict(manifest, num_samples=num_samples, seed=seed, shard_size=shard_size, labels="balanced-shuffled")
-    if jax.process_index() == 0:
-        check_manifest(folder, manifest, overwrite)
-    _barrier("sample-fid manifest")
-    shard_size = int(json.loads((folder / MANIFEST).read_text())["shard_size"])
+    refused: OSError | ValueError | None = None
+    if jax.process_index() == 0:  # the only writer of the manifest (and the only one to clear old shards)
+        try:
+            check_manifest(folder, manifest, overwrite)
+        except (OSError, ValueError) as e:
+            refused = e
+    # every process learns whether process 0 refused the folder (a plain barrier would leave the others waiting)
+    if not distributed.all_agree("dit_jax/sample-fid/manifest", refused is None):
+        raise refused or ValueError(f"process 0 refused {folder} (see its error)")
+    try:
+        shard_size = int(json.loads((folder / MANIFEST).read_text())["shard_size"])
+        seen = True
+    except (OSError, ValueError, KeyError) as e:
+        if jax.process_count() == 1:
+            raise ValueError(f"{folder / MANIFEST} is unreadable ({e})") from e
+        seen = False
+    if not distributed.all_agree("dit_jax/sample-fid/manifest-seen", seen):
+        raise ValueError(f"{folder / MANIFEST} written by process 0 is not visible to every process: --sample-dir "
+                         "must be a folder that all processes share (the same file system)")
     ranges = shard_ranges(num_samples, shard_size)
     mine = [k for k in range(len(ranges)) if k % jax.process_count() == jax.process_index()]
     todo = [k for k in mine if read_shard(shard_path(folder, k), ranges[k]) is None]
     done = sum(len(ranges[k]) for k in mine) - sum(len(ranges[k]) for k in todo)
+    tag = distributed.process_tag()
     bar = tqdm(total=sum(len(ranges[k]) for k in mine), initial=done, unit="img", disable=not progress,
-               desc="sample-fid")
-    for k in todo:
-        r = ranges[k]
-        idx = np.arange(r.start, r.stop)
-        latents = sampler(labels[idx], example_keys(seed, idx))
-        write_shard(shard_path(folder, k), decode(latents), labels[idx], r)
-        bar.update(len(r))
+               desc=f"{tag}sample-fid")
+    if tag:
+        print(f"{tag}{len(mine)} of {len(ranges)} shards are this process's; {len(mine) - len(todo)} already done",
+              flush=True)
+    failed: OSError | ValueError | None = None
+    try:
+        for k in todo:
+            r = ranges[k]
+            idx = np.arange(r.start, r.stop)
+            latents = sampler(labels[idx], example_keys(seed, idx))
+            write_shard(shard_path(folder, k), decode(latents), labels[idx], r)
+            bar.update(len(r))
+            if tag and not progress:
+                print(f"{tag}wrote {shard_path(folder, k).name} (samples {r.start}..{r.stop - 1})", flush=True)
+    except (OSError, ValueError) as e:  # e.g. a full disk: the others learn of it at the barrier below
+        failed = e
     bar.close()
-    _barrier("sample-fid shards")
+    if not distributed.all_agree("dit_jax/sample-fid/shards", failed is None):  # also the barrier: every shard is written
+        raise failed or ValueError("another process failed to write its shards (see its error); rerun to resume")
+    if jax.process_count() == 1:
+        return assemble(folder, ranges)
+    # The others wait until process 0 has written the .npz: a process that exits minutes before the others makes
+    # JAX's shutdown barrier time out (after 5 minutes), and the coordination service then ends the whole job.
+    key = distributed.job_key("dit_jax/sample-fid/assembled")
     if jax.process_index() != 0:
+        if distributed.wait_for(key) != "ok":
+            raise ValueError(f"process 0 could not write {folder}.npz (see its error); rerun to assemble it")
         return None
-    return assemble(folder, ranges)
+    outcome = "failed"
+    try:
+        out = assemble(folder, ranges)
+        outcome = "ok"
+    finally:
+        distributed.publish(key, outcome)
+    return out
 
 
 def assemble(folder: Path, ranges: list[range]) -> Path:
@@ -169,13 +212,6 @@ def assemble(folder: Path, ranges: list[range]) -> Path:
     return write_npz_stream(Path(f"{folder}.npz"), chunks(), shape)  # as sample_ddp.py: <folder>.npz
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------------------------------------
@@ -190,6 +226,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global seed (labels and noise)")
     p.add_argument("--sample-dir", default="samples", help="parent folder of the shard folder and the .npz")
     p.add_argument("--overwrite", action="store_true", help="discard shards made with other settings")
+    distributed.add_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -198,6 +235,11 @@ def run(args: argparse.Namespace) -> int:
     from dit_jax.sample_cli import error, load_decoder, load_model, settings_from_args, vae_name
 
     t0 = time.perf_counter()
+    try:
+        distributed.from_args(args)  # before any other JAX call
+    except distributed.DistributedError as e:
+        print(f"dit-jax sample-fid: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.num_samples < 1 or args.per_device_batch < 1:
             raise ValueError("--num-samples and --per-device-batch must be >= 1")
@@ -213,8 +255,9 @@ def run(args: argparse.Namespace) -> int:
                                           f"cfg-{float(settings.cfg_scale)}-seed-{args.seed}")
         manifest = dict(model=loaded.name, image_size=loaded.image_size, vae=vae,
                         settings=_jsonable(settings), dtype=args.dtype)
-        print(f"sampling {args.num_samples:,} images from {loaded.name} into {folder}/ on "
-              f"{mesh.size * jax.process_count()} device(s)", flush=True)
+        where = f"{jax.process_count()} processes x {mesh.size}" if jax.process_count() > 1 else f"{mesh.size}"
+        print(f"{distributed.process_tag()}sampling {args.num_samples:,} images from {loaded.name} into {folder}/ on "
+              f"{where} device(s)", flush=True)
         out = sample_fid(sampler, decoder, folder, num_samples=args.num_samples, seed=args.seed,
                          shard_size=args.per_device_batch * mesh.size, manifest=manifest, overwrite=args.overwrite,
                          progress=args.progress)

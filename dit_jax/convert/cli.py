@@ -265,8 +265,17 @@ def _leaves(state: Any) -> list[Any]:
 def _save_state(path: Path, model: DiT) -> None:
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path, nnx.state(model))
+    state, kw = nnx.state(model), {}
+    if jax.process_count() > 1:
+        # a conversion is one process's own work (into its own temporary folder, under the weights cache's lock):
+        # host copies of the arrays, and Orbax told that this process alone writes them (no job-wide barriers)
+        i = jax.process_index()
+        state = jax.tree.map(np.asarray, state)
+        kw["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+            primary_host=i, active_processes={i}, barrier_sync_key_prefix=f"convert-p{i}")
+        kw["use_ocdbt"] = False  # OCDBT's merge step looks for process 0's part, which this process has not written
+    with ocp.StandardCheckpointer(**kw) as ckpt:
+        ckpt.save(path, state)
         ckpt.wait_until_finished()
 
 
@@ -324,8 +333,10 @@ def load_converted(path: str | os.PathLike, **overrides: Any) -> DiT:
     saved_scan = bool(kw.get("scan_blocks", False))
     want_scan = bool(overrides.pop("scan_blocks", saved_scan))
     abstract = nnx.eval_shape(lambda: DiT(**kw, **overrides, rngs=nnx.Rngs(0)))
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's copy, whatever wrote the folder
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), nnx.state(abstract))
     with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(path / STATE_DIR, nnx.state(abstract))
+        restored = ckpt.restore(path / STATE_DIR, spec)
     nnx.update(abstract, restored)
     if want_scan == saved_scan:
         return abstract

@@ -9,6 +9,11 @@ which are then used for FID and sFID (ADM does the same). Note the order: sample
 (ADM's own script takes the reference first). The weights are pytorch-fid's FID Inception file from
 https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
 (or $DIT_JAX_INCEPTION_WEIGHTS). The five numbers go to stdout in ADM's order and names; progress to stderr.
+
+It runs on one process, on that process's local devices. Started as several processes (every host of a pod, or
+--coordinator/--num-processes/--process-id), process 0 computes the metrics, exactly as a one-process run on
+the same local devices would, and writes --json; the other processes say so, wait for it and exit with its
+exit status.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from dit_jax import distributed
 
 DEFAULT_BATCH_SIZE = 256  # = dit_jax.evaluate.evaluator.DEFAULT_BATCH_SIZE; heavy imports wait for run()
 
@@ -39,6 +46,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--pr-distance-dtype", choices=("float16", "float32"), default="float16",
                    help="precision/recall distances: float16 with a float32 fallback, as ADM (default), or float32")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    distributed.add_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -70,6 +78,41 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        distributed.from_args(args)  # before any other JAX call
+    except distributed.DistributedError as e:
+        print(f"dit-jax evaluate: error: {e}", file=sys.stderr)
+        return 2
+    import jax
+
+    if jax.process_count() == 1:
+        return _evaluate(args)
+    tag = distributed.process_tag()
+    if jax.process_index() != 0:
+        print(f"{tag}dit-jax evaluate runs on one process: process 0 computes the metrics; this process waits for it",
+              file=sys.stderr, flush=True)
+
+        status = int(distributed.wait_for(distributed.job_key(_EXIT_KEY)))
+        print(f"{tag}process 0 finished (exit status {status})", file=sys.stderr, flush=True)
+        return status
+    print(f"{tag}dit-jax evaluate runs on one process: computing on process 0's {jax.local_device_count()} local "
+          f"device(s); the other {jax.process_count() - 1} process(es) wait", file=sys.stderr, flush=True)
+    status = 1
+    try:
+        status = _evaluate(args)
+    finally:  # also on an unexpected exception: the others must not wait forever
+
+        distributed.publish(distributed.job_key(_EXIT_KEY), str(status))
+    return status
+
+
+# The other processes wait for process 0's exit status instead of exiting at once: a process that ends minutes
+# before the others makes JAX's shutdown barrier time out (after 5 minutes), and the coordination service then
+# terminates the whole job, process 0's evaluation included.
+_EXIT_KEY = "dit_jax/evaluate/exit_status"
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from dit_jax.evaluate import npz
     from dit_jax.evaluate.evaluator import Evaluator, evaluate_npz, iter_metric_lines
     from dit_jax.evaluate.precision_recall import ManifoldEstimator

@@ -44,6 +44,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dit_jax import distributed
+
 PyTree = Any
 log = logging.getLogger("dit_jax.train.checkpoint")
 
@@ -120,15 +122,6 @@ def _compare_to_metadata(abstract_state: PyTree, meta_tree: PyTree, step: int, d
             f"checkpoint step {step} in {directory} does not match the state this config builds (a different "
             f"model or optimizer config?); " + "; ".join(parts)
         )
-
-
-def _all_processes_agree(ok: bool) -> bool:
-    """True only if `ok` on every process (so every host falls back, or not, together)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class Checkpointer:
@@ -331,7 +324,7 @@ class Checkpointer:
                     restored = self._restore_step(s, abstract_state)
                 except Exception as e:  # noqa: BLE001
                     problem = f"orbax could not read it ({type(e).__name__}: {_short(e)})"
-            if not _all_processes_agree(problem is None):
+            if not distributed.all_agree("dit_jax/checkpoint/restore", problem is None):  # all fall back, or none
                 problem = problem or "another process could not read it"
             if problem is None:
                 if tried:
