@@ -91,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     if jax.process_index() != 0:
         print(f"{tag}dit-jax evaluate runs on one process: process 0 computes the metrics; this process waits for it",
               file=sys.stderr, flush=True)
-
         status = int(distributed.wait_for(distributed.job_key(_EXIT_KEY)))
         print(f"{tag}process 0 finished (exit status {status})", file=sys.stderr, flush=True)
         return status
@@ -101,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         status = _evaluate(args)
     finally:  # also on an unexpected exception: the others must not wait forever
-
         distributed.publish(distributed.job_key(_EXIT_KEY), str(status))
     return status
 
