@@ -222,14 +222,6 @@ def env(tmp_path: Path) -> Env:
     return Env(tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------------- create
-
-@pytest.mark.parametrize("accel, gcloud_accel, runtime", [
-    ("v4-8", "v4-8", "tpu-ubuntu2204-base"),
-    ("v3-256", "v3-256", "tpu-ubuntu2204-base"),
-    ("v5e-256", "v5litepod-256", "v2-alpha-tpuv5-lite"),
-    ("v5p-128", "v5p-128", "v2-alpha-tpuv5"),
-])
 def fake_worker_home(tmp_path: Path, trainer_script: str) -> Path:
     """A worker's home as setup.sh leaves it (~/dit-jax, ~/dit-jax-venv/bin/dit-jax), the trainer a fake script."""
     home = tmp_path / "home"
@@ -241,6 +233,14 @@ def fake_worker_home(tmp_path: Path, trainer_script: str) -> Path:
     return home
 
 
+# ---------------------------------------------------------------------------------------------------- create
+
+@pytest.mark.parametrize("accel, gcloud_accel, runtime", [
+    ("v4-8", "v4-8", "tpu-ubuntu2204-base"),
+    ("v3-256", "v3-256", "tpu-ubuntu2204-base"),
+    ("v5e-256", "v5litepod-256", "v2-alpha-tpuv5-lite"),
+    ("v5p-128", "v5p-128", "v2-alpha-tpuv5"),
+])
 def test_create_plain(env: Env, accel: str, gcloud_accel: str, runtime: str):
     cmds = dry_then_real(env, "create.sh", "--name", "t1", "--zone", "us-central2-b", "--accelerator-type", accel)
     assert cmds == [["compute", "tpus", "tpu-vm", "create", "t1", "--zone=us-central2-b",

@@ -265,17 +265,8 @@ def _leaves(state: Any) -> list[Any]:
 def _save_state(path: Path, model: DiT) -> None:
     import orbax.checkpoint as ocp
 
-    state, kw = nnx.state(model), {}
-    if jax.process_count() > 1:
-        # a conversion is one process's own work (into its own temporary folder, under the weights cache's lock):
-        # host copies of the arrays, and Orbax told that this process alone writes them (no job-wide barriers)
-        i = jax.process_index()
-        state = jax.tree.map(np.asarray, state)
-        kw["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
-            primary_host=i, active_processes={i}, barrier_sync_key_prefix=f"convert-p{i}")
-        kw["use_ocdbt"] = False  # OCDBT's merge step looks for process 0's part, which this process has not written
-    with ocp.StandardCheckpointer(**kw) as ckpt:
-        ckpt.save(path, state)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path, nnx.state(model))
         ckpt.wait_until_finished()
 
 

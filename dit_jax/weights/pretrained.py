@@ -166,12 +166,30 @@ def _converted_local(source: Path, root: Path, options: Mapping[str, Any], progr
 
 
 def _convert(source: Path, out: Path, options: Mapping[str, Any], progress: bool) -> None:
-    from dit_jax.convert.cli import convert
+    import jax
+
+    from dit_jax.convert.cli import ConvertError, convert
 
     if progress:
         print(f"dit-jax: converting {source}\n      -> {out}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
-    convert(source, out, overwrite=True, **options)
+    if jax.process_count() == 1:
+        convert(source, out, overwrite=True, **options)
+        return
+    # In a multi-process job each host converts for its own cache (under the cache's lock), but Orbax's saves are
+    # job-wide (barriers, process 0 writes): convert in a one-process child on the CPU instead.
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    env["JAX_PLATFORMS"] = "cpu"  # the accelerator belongs to the parent
+    code = ("import json, sys; from pathlib import Path; from dit_jax.convert.cli import convert; "
+            "convert(Path(sys.argv[1]), Path(sys.argv[2]), overwrite=True, **json.loads(sys.argv[3]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(source), str(out), json.dumps(dict(options))], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise ConvertError(f"converting {source} failed:\n{proc.stderr.strip()[-3000:]}")
 
 
 def _check_overrides(folder: Path, overrides: Mapping[str, Any]) -> None:
