@@ -1,7 +1,7 @@
 """Random-access record sources for grain: TFDS, an image folder, and scikit-learn's bundled digits.
 
 Each source is a grain RandomAccessDataSource (`__len__`, `__getitem__(key)`, a stable `__repr__`,
-which grain stores in the iterator state and checks on restore) whose records are dicts with an int
+which the training iterator stores in its state and checks on restore) whose records are dicts with an int
 "key" (the record's index in the source). `describe(key)` names a record for warnings about bad ones.
 The pre-extracted VAE latents source lives in latents.py.
 
