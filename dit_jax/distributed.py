@@ -24,7 +24,7 @@ import argparse
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("dit_jax.distributed")
 
@@ -235,3 +235,29 @@ def all_agree(name: str, ok: bool) -> bool:
     key = job_key(name)
     publish(f"{key}/{jax.process_index()}", "1" if ok else "0")
     return all([wait_for(f"{key}/{i}") == "1" for i in range(jax.process_count())])
+
+
+def on_process_0(name: str, work: Callable[[], Any],
+                 succeeded: Callable[[Any], bool] = lambda result: True) -> tuple[bool, Any]:
+    """Run `work()` on process 0 only; the others wait until it has finished. -> (it succeeded: returned a result
+    that `succeeded` accepts, its result on process 0, else None). An exception on process 0 is re-raised there
+    after the others learn of it.
+
+    The others wait instead of exiting at once: a process that ends minutes before the rest makes JAX's shutdown
+    barrier time out (after 5 minutes), and the coordination service then ends the whole job, process 0's work
+    included. One process: work() as it is."""
+    import jax
+
+    if jax.process_count() == 1:
+        result = work()
+        return succeeded(result), result
+    key = job_key(name)
+    if jax.process_index() != 0:
+        return wait_for(key) == "ok", None
+    outcome = "failed"
+    try:
+        result = work()
+        outcome = "ok" if succeeded(result) else "failed"
+    finally:  # also on an unexpected exception: the others must not wait forever
+        publish(key, outcome)
+    return outcome == "ok", result

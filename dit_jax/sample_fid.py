@@ -177,21 +177,9 @@ def sample_fid(
     bar.close()
     if not distributed.all_agree("dit_jax/sample-fid/shards", failed is None):  # also the barrier: every shard is written
         raise failed or ValueError("another process failed to write its shards (see its error); rerun to resume")
-    if jax.process_count() == 1:
-        return assemble(folder, ranges)
-    # The others wait until process 0 has written the .npz: a process that exits minutes before the others makes
-    # JAX's shutdown barrier time out (after 5 minutes), and the coordination service then ends the whole job.
-    key = distributed.job_key("dit_jax/sample-fid/assembled")
-    if jax.process_index() != 0:
-        if distributed.wait_for(key) != "ok":
-            raise ValueError(f"process 0 could not write {folder}.npz (see its error); rerun to assemble it")
-        return None
-    outcome = "failed"
-    try:
-        out = assemble(folder, ranges)
-        outcome = "ok"
-    finally:
-        distributed.publish(key, outcome)
+    ok, out = distributed.on_process_0("dit_jax/sample-fid/assembled", lambda: assemble(folder, ranges))
+    if not ok:
+        raise ValueError(f"process 0 could not write {folder}.npz (see its error); rerun to assemble it")
     return out
 
 

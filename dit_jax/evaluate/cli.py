@@ -85,29 +85,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import jax
 
-    if jax.process_count() == 1:
-        return _evaluate(args)
-    tag = distributed.process_tag()
+    if jax.process_count() > 1:
+        tag = distributed.process_tag()
+        what = (f"computing on process 0's {jax.local_device_count()} local device(s); the other "
+                f"{jax.process_count() - 1} process(es) wait" if jax.process_index() == 0
+                else "process 0 computes the metrics; this process waits for it")
+        print(f"{tag}dit-jax evaluate runs on one process: {what}", file=sys.stderr, flush=True)
+    ok, status = distributed.on_process_0("dit_jax/evaluate/done", lambda: _evaluate(args), lambda s: s == 0)
     if jax.process_index() != 0:
-        print(f"{tag}dit-jax evaluate runs on one process: process 0 computes the metrics; this process waits for it",
+        print(f"{distributed.process_tag()}process 0 finished ({'exit status 0' if ok else 'with an error'})",
               file=sys.stderr, flush=True)
-        status = int(distributed.wait_for(distributed.job_key(_EXIT_KEY)))
-        print(f"{tag}process 0 finished (exit status {status})", file=sys.stderr, flush=True)
-        return status
-    print(f"{tag}dit-jax evaluate runs on one process: computing on process 0's {jax.local_device_count()} local "
-          f"device(s); the other {jax.process_count() - 1} process(es) wait", file=sys.stderr, flush=True)
-    status = 1
-    try:
-        status = _evaluate(args)
-    finally:  # also on an unexpected exception: the others must not wait forever
-        distributed.publish(distributed.job_key(_EXIT_KEY), str(status))
+        return 0 if ok else 1
     return status
-
-
-# The other processes wait for process 0's exit status instead of exiting at once: a process that ends minutes
-# before the others makes JAX's shutdown barrier time out (after 5 minutes), and the coordination service then
-# terminates the whole job, process 0's evaluation included.
-_EXIT_KEY = "dit_jax/evaluate/exit_status"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
