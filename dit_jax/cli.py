@@ -1,11 +1,18 @@
 """The `dit-jax` command line. Each subcommand lives in its own module, which exposes
-`register(subparsers)`: it adds its parser and sets `func(args) -> int` as the default."""
+`register(subparsers)`: it adds its parser and sets `func(args) -> int` as the default.
+
+Errors follow one convention (dit_jax/errors.py): a command raises, and `main` prints one line
+`dit-jax COMMAND: error: ...` and exits 1 (2 for usage errors); `--debug` anywhere, or DIT_JAX_DEBUG=1, adds
+the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from dit_jax import errors
 
 # subcommand modules, in the order `dit-jax --help` lists them
 _SUBCOMMAND_MODULES = (
@@ -25,7 +32,8 @@ _SUBCOMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dit-jax", description="DiT (Peebles & Xie, 2023) in JAX/Flax NNX: models, diffusion, tools."
+        prog="dit-jax", description="DiT (Peebles & Xie, 2023) in JAX/Flax NNX: models, diffusion, tools.",
+        epilog=f"{errors.DEBUG_FLAG} (anywhere) or {errors.DEBUG_ENV}=1: show the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -35,14 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    debug = errors.debug_requested(argv[:cut])
+    argv = [a for a in argv[:cut] if a != errors.DEBUG_FLAG] + argv[cut:]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:
-        # `--config.a.b=value` overrides go to subcommands that take them (train); anything else is an error
-        if not getattr(args, "accepts_overrides", False) or not all(e.startswith("--config.") for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = list(getattr(args, "overrides", []) or []) + extra
-    return int(args.func(args) or 0)
+    if getattr(args, "accepts_overrides", False):
+        # `--config.a.b=value` overrides (argparse leaves them in `extra`; a bare word lands in `overrides`)
+        words = list(getattr(args, "overrides", []) or []) + extra
+        stray = [w for w in words if not w.startswith("--config.")]
+        if stray:
+            bad = stray[0]
+            hint = (f"--config.{bad}" if "=" in bad and not bad.startswith("-") else "--config.KEY=VALUE")
+            parser.error(f"unrecognized argument {bad!r}: a config override is written {hint} "
+                         f"(one word, with '='; e.g. --config.train.steps=100)")
+        args.overrides = words
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return errors.run(f"dit-jax {args.command}", lambda: args.func(args), debug=debug)
 
 
 if __name__ == "__main__":

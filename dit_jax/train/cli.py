@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from dit_jax import distributed
 
@@ -32,24 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dit_jax.errors import UsageError
     from dit_jax.train.config_io import ConfigError, load_config
     from dit_jax.train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         distributed.from_args(args)  # before any other JAX call
-    except distributed.DistributedError as e:
-        print(f"dit-jax train: error: {e}", file=sys.stderr)
-        return 2
-    try:
         config = load_config(args.config, args.overrides)
-    except (ValueError, KeyError, AttributeError, TypeError, FileNotFoundError) as e:
-        print(f"dit-jax train: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = train(config, args.workdir)
-    except ConfigError as e:  # raised before the first step: bad data or a missing input file
-        print(f"dit-jax train: error: {e}", file=sys.stderr)
-        return 2
+    except (distributed.DistributedError, ConfigError) as e:  # what was typed: a usage error
+        raise UsageError(str(e)) from e
+    summary = train(config, args.workdir)
     print(f"{summary['status']} at step {summary['step']}; outputs in {summary['workdir']}")
     return 0
