@@ -14,6 +14,7 @@ bug: it is still one line, with its type and a request to rerun with --debug and
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 import traceback
@@ -38,6 +39,12 @@ _OS_HINTS = {
     errno.EISDIR: "a folder is where a file is expected: name the file",
     errno.ENOENT: "check the path",
 }
+
+
+def warn(message: str, logger: logging.Logger | None = None) -> None:
+    """A warning the user must see (a skipped checkpoint, a lock taken over): logged, and on stderr."""
+    (logger or logging.getLogger("dit_jax")).warning(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 def debug_requested(argv: list[str] | None = None) -> bool:

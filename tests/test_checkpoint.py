@@ -20,7 +20,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dit_jax.train.checkpoint import MANIFEST, Checkpointer, CheckpointError, CheckpointMismatchError
+from dit_jax.train.checkpoint import MANIFEST, UNSUMMED, Checkpointer, CheckpointError, CheckpointMismatchError
 from dit_jax.train.optim import EmaState, ema_params, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ CORRUPTIONS = {
     "delete array data file": lambda d: _array_file(d).unlink(),
     "truncate state metadata": lambda d: _truncate(d / "state" / "_METADATA"),
     "delete state metadata": lambda d: (d / "state" / "_METADATA").unlink(),
-    "truncate step metadata (manifest catches it)": lambda d: _truncate(d / "_CHECKPOINT_METADATA"),
+    "truncate step metadata (verification catches it)": lambda d: _truncate(d / "_CHECKPOINT_METADATA"),
     "no manifest, truncated array data (orbax catches it)": lambda d: (
         (d / MANIFEST).unlink(), _truncate(_array_file(d))),
     "no manifest, deleted state metadata": lambda d: ((d / MANIFEST).unlink(), (d / "state" / "_METADATA").unlink()),
@@ -257,6 +257,103 @@ def test_leftover_tmp_directory_is_ignored(tmp_path, mesh, caplog):
         assert ck.save(3, states[2], force=True)
         ck.wait()
         assert ck.all_steps() == [1, 2, 3]
+
+
+def _tree_listing(d: Path) -> dict[str, int]:
+    return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _flip(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    for i in range(len(data) // 2, min(len(data) // 2 + 8, len(data))):
+        data[i] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+@ORBAX_NOISE
+def test_read_only_reader_changes_nothing(tmp_path, mesh, caplog):
+    """A reader leaves a live trainer's temporary folder, a corrupt newest step and everything else as they are,
+    still falls back past the corrupt step, and cannot save."""
+    directory = tmp_path / "ck"
+    with Checkpointer(directory) as ck:
+        states = _save_steps(ck, mesh, [1, 2])
+    shutil.copytree(directory / "2", directory / "3.orbax-checkpoint-tmp-1700000000")  # a save in flight
+    _flip(_array_file(directory / "2"))
+    before = _tree_listing(directory)
+    caplog.set_level(logging.WARNING, logger="dit_jax.train.checkpoint")
+    with Checkpointer(directory, read_only=True) as ck:
+        out = ck.restore(_abstract(states[1]))
+        assert out.step == 1
+        _assert_equal(out.state, states[1])
+        assert "skipping checkpoint step 2" in caplog.text and "content changed" in caplog.text
+        with pytest.raises(CheckpointError, match="read-only"):
+            ck.save(5, states[1])
+    assert _tree_listing(directory) == before
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        Checkpointer(tmp_path / "missing", read_only=True)
+    assert not (tmp_path / "missing").exists()
+
+
+@ORBAX_NOISE
+def test_flipped_bytes_in_any_file_are_caught_and_named(tmp_path, mesh, caplog):
+    directory = tmp_path / "ck"
+    with Checkpointer(directory) as ck:
+        states = _save_steps(ck, mesh, [1, 2], data_state={"pos": 3}, config={"a": 1})
+        assert ck.newest_verified_step() == 2
+    files = [p for p in (directory / "2").rglob("*") if p.is_file() and p.name not in (MANIFEST, *UNSUMMED)]
+    assert len(files) >= 5
+    for f in files:  # each file of the step in turn: the data, orbax's metadata, the JSON items
+        original = f.read_bytes()
+        _flip(f)
+        with Checkpointer(directory, read_only=True) as ck:
+            problem = ck._verify_files(2)
+            assert problem and str(f.relative_to(directory / "2")) in problem, (f, problem)
+            assert ck.newest_verified_step() == 1
+        f.write_bytes(original)
+    with Checkpointer(directory, read_only=True) as ck:
+        assert ck._verify_files(2) is None
+        _assert_equal(ck.restore(_abstract(states[2])).state, states[2])
+
+
+def test_manifest_records_checksums_computed_off_the_training_thread(tmp_path, mesh, monkeypatch):
+    import threading
+
+    import dit_jax.train.checkpoint as ckpt_lib
+
+    threads = []
+    real = ckpt_lib.sha256_file
+    monkeypatch.setattr(ckpt_lib, "sha256_file", lambda p: (threads.append(threading.current_thread()), real(p))[1])
+    with Checkpointer(tmp_path / "ck") as ck:
+        _save_steps(ck, mesh, [1])
+        manifest = __import__("json").loads((tmp_path / "ck" / "1" / MANIFEST).read_text())
+    assert threads and threading.main_thread() not in threads
+    summed = {f: e for f, e in manifest["files"].items() if "sha256" in e}
+    assert summed and all(len(e["sha256"]) == 64 for e in summed.values())
+    assert manifest["summed_bytes"] == sum(e["size"] for e in summed.values())
+
+
+def test_reader_starts_over_when_the_trainer_deletes_the_step_it_reads(tmp_path, mesh, monkeypatch):
+    directory = tmp_path / "ck"
+    with Checkpointer(directory, keep=None) as ck:
+        states = _save_steps(ck, mesh, [1, 2])
+    reader = Checkpointer(directory, read_only=True)
+    real = reader._restore_step
+    calls = []
+
+    def deleting_trainer(step, abstract):  # the trainer's max_to_keep removes step 2 under the reader...
+        calls.append(step)
+        if step == 2 and len(calls) == 1:
+            shutil.rmtree(directory / "2")
+            (directory / "3").mkdir()  # ...after finalising a newer one (here: a copy of step 1)
+            shutil.copytree(directory / "1", directory / "3", dirs_exist_ok=True)
+            raise FileNotFoundError("gone")
+        return real(step, abstract)
+
+    monkeypatch.setattr(reader, "_restore_step", deleting_trainer)
+    out = reader.restore(_abstract(states[1]))
+    assert calls == [2, 3] and out.step == 3
+    _assert_equal(out.state, states[1])
+    reader.close()
 
 
 def test_shape_mismatch_is_a_clear_error_not_a_fallback(tmp_path, mesh, caplog):

@@ -179,7 +179,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         "train.steps=8", "train.ckpt_every=2", "train.log_every=2", "train.global_batch=16", "train.sample_every=0",
         "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.patch_size=4",
     ])
-    with pytest.raises(FloatingPointError, match="last good checkpoint is step 4"):
+    with pytest.raises(FloatingPointError, match="newest checkpoint that verifies is step 4"):
         loop.train(cfg, tmp_path)
     from dit_jax.train.checkpoint import Checkpointer
 

@@ -6,8 +6,9 @@
 
 The run's config comes from the checkpoint itself (the "config" item the trainer saves beside the state), so
 the model is rebuilt exactly as trained; the EMA parameters replace the trained ones (as the official
-sample.py loads `checkpoint["ema"]`). A corrupt newest checkpoint falls back to the previous one with a warning
-(dit_jax.train.checkpoint.Checkpointer.restore). A run trained with REPA restores its whole state (the REPA target
+sample.py loads `checkpoint["ema"]`). The run is opened read-only, so reading a live run never disturbs its
+trainer; a corrupt newest checkpoint (a missing or altered file: checked against its checksums) falls back to the
+previous one with a warning and stays where it is (dit_jax.train.checkpoint.Checkpointer.restore). A run trained with REPA restores its whole state (the REPA target
 encoder included) and returns the DDT, whose projector sampling never calls.
 """
 
@@ -59,7 +60,7 @@ def restore_run(path: str | os.PathLike, step: int | None = None) -> tuple[Any, 
     ckpt_dir = checkpoint_dir(path)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{path}: no such training run (expected a workdir with checkpoints/)")
-    with Checkpointer(ckpt_dir, async_save=False) as ckpt:
+    with Checkpointer(ckpt_dir, read_only=True) as ckpt:  # a reader: never cleans up, moves aside or saves
         steps = ckpt.all_steps()
         if not steps:
             raise CheckpointError(f"{ckpt_dir}: no complete checkpoint")

@@ -29,6 +29,7 @@ from dit_jax.train import metrics as metrics_lib
 from dit_jax.train.checkpoint import Checkpointer
 from dit_jax.train.config_io import ConfigError, config_to_dict
 from dit_jax.train.optim import ema_params, make_optimizer
+from dit_jax.train.run_lock import RunLock, RunLockedError
 from dit_jax.train.sharding import (
     batch_sharding,
     local_rows,
@@ -98,10 +99,20 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     distributed.initialize()  # no-op if the CLI started the job (or one process); env JAX_* otherwise
     tag = distributed.process_tag()  # "[p1/4] " on every line a process prints about itself
     workdir = epath.Path(workdir)  # a local folder, or gs://... (Orbax writes there; logs are staged, metrics.py)
+    # one trainer per run: process 0 holds the workdir's lock for the whole run (dit_jax/train/run_lock.py);
+    # everything below writes into the run only while it is held
+    lock = RunLock(workdir)
+    ok, _ = distributed.on_process_0("dit_jax/train/run-lock", lock.acquire)  # process 0 re-raises its error
+    if not ok:
+        raise RunLockedError(f"process 0 could not lock {workdir} (its error says why)")
+    try:
+        return _train_locked(config, workdir, lock, tag)
+    finally:
+        lock.release()
+
+
+def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> dict[str, Any]:
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-    writer = metrics_lib.MetricWriter(str(workdir), enabled=is_main)
 
     # ================================================================ mesh
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -184,11 +195,17 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
           + (f", {mem_gb:.2f} GiB per device (args + temps)" if mem_gb is not None else ""), flush=True)
 
     # ================================================================ checkpointing
+    # logs are opened only now: a run that cannot start (bad data, no restorable checkpoint) leaves no trace
+    writer = metrics_lib.MetricWriter(str(workdir), enabled=is_main)
     cfg_dict = config_to_dict(config)
     ckpt.install_sigterm_handler()
     fault_step = int(os.environ.get(FAULT_ENV, "-1"))
 
     def save(step: int, force: bool = False) -> None:
+        if not distributed.all_agree("dit_jax/train/lock-held", not lock.lost):
+            ckpt.close()
+            raise RunLockedError(f"another trainer took over {workdir} (this one was presumed dead): stopped "
+                                 f"without saving step {step}")
         ckpt.save(step, state, data_state=feed.get_state(), config=cfg_dict, force=force)
 
     # ================================================================ train loop
@@ -203,7 +220,6 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     # a line per log step wherever no bar is shown: batch jobs' logs, and every process but the first
     log_lines = progress is None or not progress.shown
     window: list[dict] = []
-    last_good_ckpt = ckpt.latest_step()
     t_window = time.perf_counter()
     last: dict[str, float] = {}
     step = start_step
@@ -221,11 +237,14 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
             last = {k: float(np.mean([w[k] for w in host])) for k in host[0]}
             if config.train.nan_check and not all(np.isfinite(v) for v in last.values()):
                 writer.flush()
-                ckpt.wait()  # let the last good checkpoint finish; nothing newer is saved
+                verified = ckpt.newest_verified_step()  # waits for the pending save; nothing newer is saved
                 ckpt.close()
+                where = (f"the newest checkpoint that verifies is step {verified} in {ckpt.directory} (a rerun "
+                         f"resumes from the newest step that verifies)" if verified is not None
+                         else f"no checkpoint in {ckpt.directory} verifies")
                 raise FloatingPointError(
-                    f"non-finite metrics at step {step}: {last}. Stopping without saving; the last good "
-                    f"checkpoint is step {last_good_ckpt} in {ckpt.directory}"
+                    f"non-finite metrics at step {step}: {metrics_lib.format_metrics(last)}. Stopped without "
+                    f"saving; {where}. Lower optim.lr or raise optim.warmup_steps / set optim.grad_clip_norm"
                 )
             dt = time.perf_counter() - t_window
             steps_per_s = len(window) / dt
@@ -250,9 +269,9 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
 
         # SIGTERM reaches hosts at different steps: reached_preemption agrees on one step across processes
         preempted = ckpt.reached_preemption(step)
-        if step % config.train.ckpt_every == 0 or step == total or preempted:
+        every = config.train.ckpt_every  # 0: only at the end (and on preemption)
+        if (every and step % every == 0) or step == total or preempted:
             save(step, force=True)
-            last_good_ckpt = step
             if step == fault_step:
                 ckpt.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
