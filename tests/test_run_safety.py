@@ -194,3 +194,15 @@ def test_newest_verified_step_skips_a_damaged_step(tmp_path):
     ck = Checkpointer(run_dir / "checkpoints", read_only=True)
     assert ck.latest_step() == 4 and ck.newest_verified_step() == 2
     ck.close()
+
+
+def test_ckpt_every_0_saves_only_at_the_end_and_another_width_is_a_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    p = run(train_argv(run_dir, steps=3, ckpt_every=0))  # "0 = only at the end" (configs: train.ckpt_every)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert steps_in(run_dir) == [3]
+    before = sorted(str(q.relative_to(run_dir)) for q in run_dir.rglob("*"))
+    p = run(train_argv(run_dir, steps=6, ckpt_every=0) + ["--config.model.hidden_size=64"])
+    assert_clean_error(p.returncode, p.stdout + p.stderr, "train", "does not match the state this config builds",
+                       "new --workdir", status=1)
+    assert sorted(str(q.relative_to(run_dir)) for q in run_dir.rglob("*")) == before

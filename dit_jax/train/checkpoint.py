@@ -123,24 +123,28 @@ def _list(names: list[str], limit: int = 12) -> str:
 
 def _compare_to_metadata(abstract_state: PyTree, meta_tree: PyTree, step: int, directory: Any) -> None:
     want, have = _flat_shapes(abstract_state), _flat_shapes(meta_tree)
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    shapes = sorted(
+    def order(k: str) -> tuple[bool, str]:  # the model's own leaves first: they say the most
+        return (not k.startswith("params/"), k)
+
+    missing = sorted(set(want) - set(have), key=order)
+    unexpected = sorted(set(have) - set(want), key=order)
+    shapes = [
         f"{k} {have[k]} in the checkpoint vs {want[k]} expected"
-        for k in set(want) & set(have)
+        for k in sorted(set(want) & set(have), key=order)
         if want[k] is not None and have[k] is not None and want[k] != have[k]
-    )
+    ]
     if missing or unexpected or shapes:
         parts = []
         if shapes:
-            parts.append(f"{len(shapes)} leaves with other shapes: {_list(shapes)}")
+            parts.append(f"{len(shapes)} leaves with other shapes: {_list(shapes, 6)}")
         if missing:
             parts.append(f"{len(missing)} leaves missing from the checkpoint: {_list(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected leaves in the checkpoint: {_list(unexpected)}")
         raise CheckpointMismatchError(
             f"checkpoint step {step} in {directory} does not match the state this config builds (a different "
-            f"model or optimizer config?); " + "; ".join(parts)
+            f"model or optimizer config?): " + "; ".join(parts) + ". Resume with the run's own config, or train "
+            f"this one into a new --workdir"
         )
 
 
