@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import parse_arg
+from configs.common import check_res, parse_arg, variant_arg
+from dit_jax.models.ddt import decode_ddt_variant
 from dit_jax.train.config_io import apply_runlocal, base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, variant="XL/2", res=256, runlocal=False, repa=True)
-    if args["res"] % 8:
-        raise ValueError(f"res={args['res']} must be a multiple of 8 (the VAE downsamples by 8)")
+    check_res(args["res"], variant_arg(args["variant"], decode_ddt_variant)["patch_size"])
     config = base_config()
     config.seed = 0
     config.objective = "flow"
@@ -79,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 100
     config.train.ckpt_every = 10_000
     config.train.keep_ckpts = 3
-    config.train.sample_every = 0  # flow sample grids are not written by the trainer yet
+    config.train.sample_every = 0  # the trainer draws grids of pixel-space runs only: sample with sample-ddt
     config.train.nan_check = True
 
     config.mesh.data = -1

@@ -7,7 +7,7 @@ r"""DiT on class-conditional ImageNet in SD-VAE latent space: the paper's recipe
 Config argument (comma-separated key=value): variant (S|B|L|XL / 2|4|8, default XL/2), res (pixels, 256 or 512;
 the model sees res // 8 latents), runlocal (True: tiny model, batch 8, 20 steps on a CPU), source (latents: the
 pre-extracted posterior mean/std of sd-vae-ft-ema, as `dit-jax extract-latents` writes them; tfds | folder:
-decode images and VAE-encode on the fly).
+images, which `dit-jax train` does not VAE-encode on the fly yet, so it refuses them: extract latents first).
 
 Paper settings (DESIGN.md section 3): AdamW lr 1e-4 constant, weight decay 0, no warm-up or clipping, global batch
 256, EMA 0.9999 every step from the initial weights, horizontal flips, ADM centre crop, latents
@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import decode_variant, parse_arg
+from configs.common import check_choice, check_res, parse_arg, variant_arg
 from dit_jax.train.config_io import apply_runlocal, base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, variant="XL/2", res=256, runlocal=False, source="latents")
-    decode_variant(args["variant"])  # fail early on an unknown variant
-    if args["res"] % 8:
-        raise ValueError(f"res={args['res']} must be a multiple of 8 (the VAE downsamples by 8)")
+    check_res(args["res"], variant_arg(args["variant"])["patch_size"])  # fail early on an unknown variant
+    check_choice("source", args["source"], ("latents", "tfds", "folder"))
     config = base_config()
     config.seed = 0
 
@@ -71,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 100
     config.train.ckpt_every = 50_000
     config.train.keep_ckpts = 3
-    # Sample grids need the VAE decoder for latents; turn on with --config.train.sample_every=10000.
+    # The trainer draws sample grids of pixel-space runs only (latents need the VAE decoder): sample checkpoints
+    # with `dit-jax sample`. train.sample_every > 0 is refused for data.source=latents.
     config.train.sample_every = 0
     config.train.sample_cfg_scale = 4.0  # the paper's visualisation scale (FID uses 1.5)
     config.train.sample_steps = 250

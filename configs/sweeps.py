@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from typing import Sequence
@@ -80,12 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the points as a JSON list")
     args = parser.parse_args(argv)
     names = list(SWEEPS) if args.sweep == "all" else [args.sweep]
+    multiple = 8 * (max(PATCHES) if "scaling" in names else 2)  # the VAE's 8 x the largest patch size swept
+    if args.res <= 0 or args.res % multiple:
+        parser.error(f"--res {args.res}: must be a positive multiple of {multiple} (the VAE downsamples by 8, then "
+                     f"the models cut patches of up to {multiple // 8}), e.g. 256 or 512")
     points = [p for n in names for p in SWEEPS[n](res=args.res)]
-    if args.json:
-        print(json.dumps(points, indent=2))
-    else:
-        for p in points:
-            print(command_line(p))
+    text = json.dumps(points, indent=2) if args.json else "\n".join(command_line(p) for p in points)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error; silence the flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

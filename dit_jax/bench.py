@@ -53,10 +53,15 @@ class BenchSpec:
     cfg_scale: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.batch < 1 or self.steps < 1 or self.warmup < 0 or self.windows < 1:
-            raise ValueError(f"batch and steps must be >= 1, warmup >= 0, windows >= 1: {self}")
+        bad = [f"{k}={getattr(self, k)} must be >= {low}"
+               for k, low in (("batch", 1), ("steps", 1), ("warmup", 0), ("windows", 1), ("devices", 0))
+               if getattr(self, k) < low]
+        if bad:
+            raise ValueError("; ".join(bad))
         if self.steps < self.windows:
             raise ValueError(f"steps={self.steps} must be at least windows={self.windows}")
+        if not self.cfg_scale >= 0:
+            raise ValueError(f"cfg_scale={self.cfg_scale} must be a number >= 0")
 
     def config(self) -> Any:
         """The configs/dit_imagenet.py config this spec benchmarks (ml_collections, validated)."""

@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 TORCH_REFERENCE = Path(__file__).resolve().parents[1] / "bench" / "torch_reference.py"
 
@@ -72,11 +74,74 @@ def format_result(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low (argparse reports anything else as a usage error naming the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_at_least_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def check_args(args: argparse.Namespace, device_count: int) -> None:
+    """Raise UsageError, naming the flag, for what argparse cannot check alone (before any compile); make sure the
+    --json file can be written (it is appended to after the measurements, minutes later)."""
+    from dit_jax.errors import UsageError, os_error_message
+    from dit_jax.models.dit import REMAT_POLICIES, decode_variant
+    from dit_jax.models.layers import ATTENTION_IMPLS
+
+    try:
+        patch = decode_variant(args.variant)["patch_size"]
+    except ValueError as e:
+        raise UsageError(f"--variant {args.variant}: {e}") from None
+    if args.res % (8 * patch):
+        raise UsageError(f"--res {args.res}: must be a multiple of {8 * patch} (the VAE downsamples by 8, then "
+                         f"{args.variant} cuts {patch}x{patch} patches), e.g. 256")
+    if args.steps < args.windows:
+        raise UsageError(f"--steps {args.steps} must be at least --windows {args.windows} (each window times "
+                         f"steps // windows calls)")
+    if args.remat not in REMAT_POLICIES:
+        raise UsageError(f"--remat {args.remat}: expected one of {tuple(REMAT_POLICIES)}")
+    if args.attn not in ATTENTION_IMPLS:
+        raise UsageError(f"--attn {args.attn}: expected one of {ATTENTION_IMPLS}")
+    if args.devices > device_count:
+        raise UsageError(f"--devices {args.devices}: this process sees {device_count} devices (0 = all)")
+    n = args.devices or device_count
+    rows = args.batch if args.mode == "train" else 2 * args.batch
+    if rows % n:
+        what = "--batch" if args.mode == "train" else "2 x --batch (the guided forward's inputs)"
+        raise UsageError(f"{what} = {rows} is not divisible by the {n} devices: use a multiple of {n}")
+    if args.json:
+        if os.path.isdir(args.json):
+            raise UsageError(f"--json {args.json} is a folder: name a file (results are appended as JSON lines)")
+        try:
+            with open(args.json, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise UsageError(f"--json {args.json}: cannot write the results: {os_error_message(e)}") from e
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import jax
 
     from dit_jax.bench import BenchSpec, run_bench
 
+    check_args(args, jax.device_count())
     dtype = args.dtype
     if dtype == "auto":  # fp32 on the CPU (and in the CPU targets), bf16 matmuls on accelerators
         dtype = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
@@ -105,18 +170,19 @@ def register(sub: Any) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("train", "sample"))
     p.add_argument("--variant", default="S/2", help="S|B|L|XL / 2|4|8 (default S/2)")
-    p.add_argument("--batch", type=int, default=32, help="global batch (images)")
-    p.add_argument("--res", type=int, default=256, help="image resolution in pixels (latents are res // 8)")
+    p.add_argument("--batch", type=_int_at_least(1), default=32, help="global batch (images)")
+    p.add_argument("--res", type=_int_at_least(8), default=256,
+                   help="image resolution in pixels (latents are res // 8)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="matmul compute dtype (auto: float32 on the CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="scan over blocks")
     p.add_argument("--remat", default="none", help="remat policy (none, full, dots, dots_no_batch)")
     p.add_argument("--attn", default="xla", help="attention implementation (xla, cudnn, splash)")
-    p.add_argument("--steps", type=int, default=20, help="timed calls (split into --windows windows)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
-    p.add_argument("--devices", type=int, default=0, help="devices to use (0: all)")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--steps", type=_int_at_least(1), default=20, help="timed calls (split into --windows windows)")
+    p.add_argument("--warmup", type=_int_at_least(0), default=3)
+    p.add_argument("--windows", type=_int_at_least(1), default=5, help="timed windows; the median is reported")
+    p.add_argument("--devices", type=_int_at_least(0), default=0, help="devices to use (0: all)")
+    p.add_argument("--cfg-scale", type=_finite_at_least_zero, default=4.0)
     p.add_argument("--torch", action="store_true", help="then run the PyTorch reference and print the ratio")
     p.add_argument("--torch-device", default="cpu", help="device of the reference (cpu, cuda)")
     p.add_argument("--torch-amp", choices=("none", "bf16"), default="none",

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         stray = [w for w in words if not w.startswith("--config.")]
         if stray:
             bad = stray[0]
-            hint = (f"--config.{bad}" if "=" in bad and not bad.startswith("-") else "--config.KEY=VALUE")
+            key = bad.removeprefix("config.")
+            hint = f"--config.{key}" if "=" in key and not key.startswith("-") else "--config.KEY=VALUE"
             parser.error(f"unrecognized argument {bad!r}: a config override is written {hint} "
                          f"(one word, with '='; e.g. --config.train.steps=100)")
         args.overrides = words

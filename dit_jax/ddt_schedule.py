@@ -15,6 +15,7 @@ step's s on the host: num_steps x 2 x batch x tokens x width floats (4.7 GB for 
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 import jax
@@ -22,8 +23,11 @@ import numpy as np
 
 from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import dp_schedule, save_schedule, schedule_cost, state_similarity, uniform_schedule
+from dit_jax.errors import UsageError
 from dit_jax.models.ddt import DDT
-from dit_jax.sample_ddt import DDTSampler, load_flow_model
+from dit_jax.sample_ddt import DEFAULT_VARIANT, DDTSampler, load_flow_model
+
+PIXELS_PER_TOKEN = 16  # the SD VAE's 8x downsampling x the DDT variants' patch size 2
 
 
 def compute_schedule(model: DDT, settings: flow.FlowSampleSettings, num_recompute: int, batch: int = 8,
@@ -42,20 +46,57 @@ def compute_schedule(model: DDT, settings: flow.FlowSampleSettings, num_recomput
     return dict(schedule=sched, cost=schedule_cost(sim, sched), uniform_cost=schedule_cost(sim, uniform), sim=sim)
 
 
-def cmd(args: argparse.Namespace) -> int:
+def check_args(args: argparse.Namespace) -> int:
+    """UsageError for arguments that are invalid or do not apply together, then ValueError/OSError for a checkpoint
+    no loader reads or an --out that cannot be written: all before the (long) template run. Returns the number of
+    encoder calls."""
+    from dit_jax.sample_cli import check_checkpoint_arg, check_output_file
+    from dit_jax.sample_ddt_cli import check_flow_args, check_variant
+
+    if args.random_init and args.checkpoint:
+        raise UsageError("--random-init uses an untrained model and would ignore --checkpoint: give one of them")
+    if not args.random_init and not args.checkpoint:
+        raise UsageError("give a DDT checkpoint or DDT training run (--checkpoint), or --random-init (smoke runs)")
+    if args.random_init and args.which is not None:
+        raise UsageError("--which chooses the EMA or trained weights of a checkpoint; --random-init has none")
+    check_variant(args.variant)
+    check_flow_args(args.num_steps, args.cfg_scale, args.interval_min, args.interval_max, args.shift, args.last_step,
+                    steps_flag="--num-steps")
     n = args.num_steps
+    if not (math.isfinite(args.refresh_rate) and args.refresh_rate >= 1):
+        raise UsageError(f"--refresh-rate {args.refresh_rate}: expected a number >= 1 (num_steps / refresh_rate "
+                         "encoder calls)")
     k = int(n / args.refresh_rate)  # the reference's num_recompute_timesteps
     if not 1 <= k <= n:
-        raise SystemExit(f"--refresh-rate {args.refresh_rate} gives {k} encoder calls for {n} steps")
+        raise UsageError(f"--refresh-rate {args.refresh_rate} gives {k} encoder calls for {n} steps: choose a "
+                         f"refresh rate of at most {n}")
+    if args.batch < 1:
+        raise UsageError(f"--batch {args.batch}: expected a positive template batch (the reference uses 8)")
+    if args.res is not None and (args.res <= 0 or args.res % PIXELS_PER_TOKEN):
+        raise UsageError(f"--res {args.res}: expected a positive multiple of {PIXELS_PER_TOKEN} (the VAE's 8 x the "
+                         "patch size 2), e.g. 256")
+    if args.checkpoint:
+        check_checkpoint_arg(args.checkpoint, "--checkpoint", folders=False)
+        if args.variant is not None:
+            from dit_jax.train.export import is_training_run
+
+            if is_training_run(args.checkpoint):
+                raise ValueError(f"--variant does not apply to {args.checkpoint}: a training run's architecture "
+                                 "comes from its config; drop --variant")
+    check_output_file(args.out, "--out")
+    return k
+
+
+def cmd(args: argparse.Namespace) -> int:
+    k = check_args(args)
+    n = args.num_steps
     settings = flow.FlowSampleSettings(num_steps=n, cfg_scale=args.cfg_scale, interval_min=args.interval_min,
                                        interval_max=args.interval_max, shift=args.shift, last_step=args.last_step)
-    try:
-        loaded = load_flow_model(args.checkpoint, variant=args.variant, image_size=args.res, which=args.which,
-                                 random_init=args.random_init, seed=args.seed)
-        if not getattr(loaded.model, "num_encoder_blocks", 0):
-            raise ValueError(f"{args.checkpoint} has no condition encoder to share (a DiT or single-stream model)")
-    except (ValueError, OSError, ImportError) as e:
-        raise SystemExit(f"dit-jax ddt-schedule: error: {e}") from e
+    loaded = load_flow_model(args.checkpoint, variant=args.variant or DEFAULT_VARIANT, image_size=args.res,
+                             which=args.which or "ema", random_init=args.random_init, seed=args.seed)
+    if not getattr(loaded.model, "num_encoder_blocks", 0):
+        raise ValueError(f"{args.checkpoint} has no condition encoder to share (a DiT or single-stream model): "
+                         "there is no schedule to compute; sample it with `dit-jax sample-ddt` without --schedule")
     out = compute_schedule(loaded.model, settings, k, batch=args.batch, seed=args.seed, time_scale=loaded.time_scale)
     save_schedule(args.out, out["schedule"], num_steps=n, num_recompute=k, cost=out["cost"],
                   uniform_cost=out["uniform_cost"], variant=loaded.name, checkpoint=args.checkpoint or "random-init",
@@ -70,10 +111,11 @@ def cmd(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser("ddt-schedule", help="compute and save DDT's DP encoder-sharing schedule",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="DDT-XL/2", help="DDT-S/2 | DDT-B/2 | DDT-L/2 | DDT-XL/2")
+    p.add_argument("--variant", help=f"DDT-S/2 | DDT-B/2 | DDT-L/2 | DDT-XL/2 of a checkpoint or --random-init "
+                   f"(default {DEFAULT_VARIANT}; a training run's comes from its config)")
     p.add_argument("--checkpoint", help="a DDT checkpoint (.ckpt/.pt from MCG-NJU, or .safetensors), or a dit-jax "
                    "DDT training run (its EMA weights, size and time scale)")
-    p.add_argument("--which", default="ema", choices=("ema", "model"), help="ema_denoiser (default) or denoiser")
+    p.add_argument("--which", choices=("ema", "model"), help="ema_denoiser (default) or denoiser")
     p.add_argument("--random-init", action="store_true", help="random weights (smoke runs, tests)")
     p.add_argument("--res", type=int, default=None, help="image resolution (latents res // 8; default 256, or a "
                    "training run's own)")

@@ -14,6 +14,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,15 +32,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, accepts_overrides=True)
 
 
+def check_demo_config(config: Any, spec: str) -> None:
+    """The demo trains on the digits, then samples every class with guidance and scores the samples with a digits
+    classifier: raise UsageError (naming the key) for a config it cannot do that with."""
+    from dit_jax.errors import UsageError
+
+    problems = []
+    if config.data.source != "digits":
+        problems.append(f"data.source={config.data.source!r}: the demo trains and scores the digits "
+                        f"(data.source='digits'); train other configs with `dit-jax train --config {spec}`")
+    t = config.train
+    if t.sample_cfg_scale != 1 and config.model.class_dropout_prob == 0:
+        problems.append(f"train.sample_cfg_scale={t.sample_cfg_scale} needs model.class_dropout_prob > 0 "
+                        f"(guidance uses the null class, which a model trained without label dropout lacks): set "
+                        f"train.sample_cfg_scale=1")
+    if config.objective == "diffusion" and not 1 <= t.sample_steps <= config.diffusion.diffusion_steps:
+        problems.append(f"train.sample_steps={t.sample_steps} must be in [1, diffusion.diffusion_steps="
+                        f"{config.diffusion.diffusion_steps}] (the demo samples after training)")
+    elif t.sample_steps < 1:
+        problems.append(f"train.sample_steps={t.sample_steps} must be >= 1 (the demo samples after training)")
+    if problems:
+        raise UsageError("config cannot run as the demo: " + "; ".join(problems))
+
+
 def run(args: argparse.Namespace) -> int:
+    from dit_jax.errors import UsageError
     from dit_jax.evaluate.digits_classifier import sample_accuracy
     from dit_jax.images import make_grid, save_png
-    from dit_jax.train.config_io import load_config
+    from dit_jax.train.cli import load_run_config
     from dit_jax.train.loop import sample_grid, train
     from dit_jax.train.optim import ema_params
 
     t_start = time.perf_counter()
-    config = load_config(args.config, list(args.overrides or []))
+    overrides = list(args.overrides or [])
+    if args.per_class < 1:
+        raise UsageError(f"--per-class {args.per_class}: must be >= 1 (samples per class)")
+    for key in ("train.sample_per_class", "train.sample_num_classes"):
+        if any(o.split("=", 1)[0] == f"--config.{key}" for o in overrides):
+            raise UsageError(f"--config.{key} does not apply to the demo, which samples every class: use --per-class")
+    config = load_run_config(args.config, overrides, args.workdir, check=lambda c: check_demo_config(c, args.config))
     workdir = Path(args.workdir)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}; training "
           f"{config.train.steps} steps of batch {config.train.global_batch} into {workdir}/", flush=True)

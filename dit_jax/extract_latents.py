@@ -25,9 +25,9 @@ them. They cost 3 bytes a pixel: ~250 GB more for ImageNet at 256 px.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -114,8 +114,12 @@ def extract(
     from dit_jax.data.latents import write_latents
     from dit_jax.data.transforms import DecodeImage
 
-    if image_size % 8:
-        raise ValueError(f"image_size must be a multiple of 8 (the VAE downsamples by 8), got {image_size}")
+    if image_size < 8 or image_size % 8:
+        raise ValueError(f"image_size must be a positive multiple of 8 (the VAE downsamples by 8), got {image_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_shards is not None and num_shards < 1:
+        raise ValueError(f"num_shards must be positive (or None: one per 10,000 records), got {num_shards}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(source)
@@ -127,7 +131,15 @@ def extract(
     process_count = jax.process_count() if process_count is None else process_count
     tag = f"[p{process_index}/{process_count}] " if process_count > 1 else ""
     # Finished shards (of every process, so that all processes refuse a mismatch alike, before any work).
-    done = {s for s in range(num_shards) if _finished(shard_path(out_dir, s, num_shards), flip, store_images)}
+    others = sorted(p.name for p in out_dir.glob("latents-*-of-*.array_record")
+                    if not p.name.endswith(f"-of-{num_shards:05d}.array_record"))
+    if others:
+        raise ValueError(
+            f"{out_dir} holds shards of a run with another shard count ({others[0]}; this run writes {num_shards}): "
+            "a folder of latents is one run's shards, so use a new --out (or delete the old shards, or rerun "
+            "with the old --num-shards)")
+    done = {s for s in range(num_shards)
+            if _finished(shard_path(out_dir, s, num_shards), flip, store_images, image_size)}
     decode = DecodeImage(image_size, 3)
     encode = _encoder(vae)
     stats = dict(shards_written=0, shards_skipped=0, encoded=0, bad_records=0)
@@ -142,9 +154,15 @@ def extract(
         if len(indices) == 0:
             continue
         records = _shard_records(source, indices, decode, encode, batch_size, flip, stats, store_images)
+        first = next(records, None)
+        if first is None:
+            raise ValueError(
+                f"none of the {len(indices)} images of shard {s} could be read or decoded (e.g. "
+                f"{source.describe(indices.start)}): check that the source holds images (.png, .jpg, ...) "
+                "that open with PIL")
         shard_meta = dict(meta or {}, image_size=image_size, scale=SD_VAE_SCALE, shard=s, num_shards=num_shards,
                           source=repr(source))
-        write_latents(path, records, meta=shard_meta)
+        write_latents(path, itertools.chain([first], records), meta=shard_meta)
         stats["shards_written"] += 1
         if progress:
             rate = stats["encoded"] / max(time.perf_counter() - t0, 1e-9)
@@ -154,7 +172,7 @@ def extract(
     return stats
 
 
-def _finished(path: Path, flip: bool, store_images: bool) -> bool:
+def _finished(path: Path, flip: bool, store_images: bool, image_size: int) -> bool:
     """True if `path` is a finished shard (with its sidecar) written with these options; ValueError if it was
     written with others."""
     from dit_jax.data.latents import read_latents_meta
@@ -162,10 +180,12 @@ def _finished(path: Path, flip: bool, store_images: bool) -> bool:
     if not (path.exists() and Path(str(path) + ".json").exists()):
         return False
     done = read_latents_meta(path)
-    if bool(done.get("images", False)) != store_images or bool(done.get("flip")) != flip:
+    was = (bool(done.get("flip")), bool(done.get("images", False)), done.get("image_size"))
+    if was != (flip, store_images, image_size):
         raise ValueError(
-            f"{path} was written with flip={done.get('flip')}, images={done.get('images', False)}; this run "
-            f"asks for flip={flip}, images={store_images}: use a new --out (or delete the old shards)")
+            f"{path} was written with flip={was[0]}, images={was[1]}, image_size={was[2]}; this run asks for "
+            f"flip={flip}, images={store_images}, image_size={image_size}: use a new --out (or delete the old "
+            "shards)")
     return True
 
 
@@ -189,31 +209,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """UsageError for option values no extraction can use (before anything is loaded)."""
+    from dit_jax.errors import UsageError
+
+    if args.image_size < 8 or args.image_size % 8:
+        raise UsageError(f"--image-size {args.image_size}: expected a positive multiple of 8 (the VAE downsamples "
+                         "by 8), e.g. 256")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: expected a positive number of images")
+    if args.num_shards is not None and args.num_shards < 1:
+        raise UsageError(f"--num-shards {args.num_shards}: expected a positive number (or leave it out: one shard "
+                         "per 10,000 images)")
+    if args.source == "folder" and not args.path:
+        raise UsageError("--source folder needs --path (root/<class>/<image>)")
+
+
 def run(args: argparse.Namespace) -> int:
+    """Carry out `dit-jax extract-latents`; errors are raised (dit_jax.errors: one line, exit 1; 2 for bad
+    options)."""
     from dit_jax.data.sources import ImageFolderSource, TfdsSource
+    from dit_jax.errors import UsageError
     from dit_jax.weights import pretrained_vae
+    from dit_jax.weights.transfer import check_writable_folder
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_args(args)
     try:
         distributed.from_args(args)  # before any other JAX call
-    except distributed.DistributedError as e:
-        print(f"dit-jax extract-latents: error: {e}", file=sys.stderr)
-        return 2
+    except distributed.DistributedError as e:  # what was typed: a usage error
+        raise UsageError(str(e)) from e
     tag = distributed.process_tag()
     if tag:  # every process's own log lines carry its index
         for handler in logging.getLogger().handlers:
             handler.setFormatter(logging.Formatter(f"{tag}%(levelname)s %(name)s: %(message)s"))
-    try:
-        if args.source == "folder":
-            if not args.path:
-                raise ValueError("--source folder needs --path")
-            source = ImageFolderSource(args.path)
-        else:
-            source = TfdsSource(args.name, args.split, args.data_dir)
-        vae = pretrained_vae(args.vae)
-    except (ValueError, OSError, ImportError) as e:
-        print(f"dit-jax extract-latents: error: {e}", file=sys.stderr)
-        return 2
+    # the inputs and the output folder, before the VAE is loaded and the first image encoded
+    if args.source == "folder":
+        source = ImageFolderSource(args.path)
+    else:
+        source = TfdsSource(args.name, args.split, args.data_dir)
+    check_writable_folder(args.out)
+    vae = pretrained_vae(args.vae)
     failed: Exception | None = None
     try:
         stats = extract(
@@ -226,9 +262,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{tag}this process's shards are done: {stats}", flush=True)
 
     if not distributed.all_agree("dit_jax/extract-latents/done", failed is None):  # the barrier: every shard is written
-        print(f"dit-jax extract-latents: error: {tag}"
-              f"{failed or 'another process failed (see its error); rerun the command to resume'}", file=sys.stderr)
-        return 2
+        if failed is not None:
+            raise failed
+        raise distributed.DistributedError(f"{tag}another process failed (see its error); rerun the command to "
+                                           "resume")
     if jax.process_index() != 0:
         return 0
     print(f"done: {stats if jax.process_count() == 1 else 'every process finished'}; train with "

@@ -262,21 +262,31 @@ def run(args: argparse.Namespace) -> int:
     """Print the table (or JSON) for args.image_size and args.block_type. Returns the exit status."""
     image_size = args.image_size
     if image_size <= 0 or image_size % 64:
-        # latent = image / 8 must split into 8 x 8 patches for the /8 variants
-        print(f"dit-jax flops: --image-size must be a positive multiple of 64, got {image_size}", file=sys.stderr)
+        # latent = image / 8 must split into 8 x 8 patches for the /8 variants; a usage error (status 2)
+        print(f"dit-jax flops: error: --image-size must be a positive multiple of 64 (the VAE's 8 x the largest "
+              f"patch, 8), got {image_size}; e.g. 256 or 512", file=sys.stderr)
         return 2
     rows = flops_table(image_size=image_size, block_type=args.block_type)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        _write(json.dumps(rows, indent=2))
         return 0
     latent = image_size // 8
-    print(f"DiT at {image_size}x{image_size} px (latent {latent}x{latent}x4), {args.block_type} blocks, 1000 classes")
-    print(
+    _write(
+        f"DiT at {image_size}x{image_size} px (latent {latent}x{latent}x4), {args.block_type} blocks, 1000 classes\n"
         "GFLOPs: multiply-accumulates of one forward pass with batch 1 (the paper's convention; real FLOPs ~2x); "
-        "params: trainable, the fixed pos_embed excluded (as the paper's Table 4)"
+        "params: trainable, the fixed pos_embed excluded (as the paper's Table 4)\n"
+        + format_table(rows)
     )
-    print(format_table(rows))
     return 0
+
+
+def _write(text: str) -> None:
+    """Print `text` and flush now, so that an output that cannot be written (a full disk, a closed pipe) is an
+    error of this command, naming standard output."""
+    try:
+        print(text, flush=True)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, "<standard output>") from e
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +32,36 @@ def make_grid(images: np.ndarray, nrow: int, padding: int = 2, pad_value: int = 
     return grid
 
 
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`; the temporary file is removed if
+    anything fails (a full disk, an interrupt). A folder at `path` is refused before anything is written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_png(image: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> Path:
     """Write a uint8 (H, W, C) image (C = 1 or 3) as PNG atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = np.asarray(image)
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     if upscale > 1:
         pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.NEAREST)
-    tmp = path.with_name(path.name + ".tmp")
-    pil.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return _write_atomically(Path(path), lambda tmp: pil.save(tmp, format="PNG"))
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """np.savez(path, **arrays) atomically, to exactly `path` (np.savez given a name adds ".npz" to one without)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return _write_atomically(Path(path), write)

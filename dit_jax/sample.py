@@ -19,6 +19,7 @@ Two choices that leave the maths unchanged:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -57,10 +58,12 @@ class SampleSettings:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
         if int(self.num_steps) < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):  # NaN would sample NaN images silently
+            raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale}")
         if self.eta != 0 and self.sampler != "ddim":
             raise ValueError("eta applies to the ddim sampler only")
+        if not 0 <= self.eta <= 1:  # DDIM's eta: 0 deterministic .. 1 DDPM-like; above 1 the mean's sqrt can be NaN
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
 
     @property
     def respacing(self) -> str:

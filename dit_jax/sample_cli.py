@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax.images import make_grid, save_png, to_uint8
+from dit_jax.errors import UsageError
+from dit_jax.images import make_grid, save_npz, save_png, to_uint8
 from dit_jax.models import DDT, DiT
 from dit_jax.models.vae import SD_VAE_SCALE, AutoencoderKL
 from dit_jax.sample import OFFICIAL_LABELS, Sampler, SampleSettings, data_mesh, example_keys, pad_to_multiple
@@ -119,8 +124,12 @@ class Decoder:
 
 
 def vae_name(loaded: LoadedModel, requested: str | None, default: str) -> str:
-    """--vae if given, else the training run's VAE, else the command's default ("none" in pixel space)."""
+    """--vae if given, else the training run's VAE, else the command's default ("none" in pixel space, where
+    --vae is an error: nothing would use it)."""
     if loaded.pixel_space:
+        if requested:
+            raise ValueError(f"{loaded.name} samples pixels (a run trained without a VAE); --vae does not apply: "
+                             "drop it")
         return "none"
     return requested or loaded.vae or default
 
@@ -133,20 +142,26 @@ def load_decoder(loaded: LoadedModel, vae: str, mesh: jax.sharding.Mesh, **kw: A
     return Decoder(weights.pretrained_vae(vae, **kw), mesh)
 
 
+def label_list(text: str) -> list[int]:
+    """--labels "207,360" -> [207, 360] (UsageError for anything else)."""
+    try:
+        labels = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"--labels must be comma-separated integers (class ids), got {text!r}") from None
+    if not labels:
+        raise UsageError("--labels is empty: give comma-separated class ids, e.g. --labels 207,360")
+    return labels
+
+
 def parse_labels(text: str | None, num_classes: int) -> np.ndarray:
     """"207,360" -> array; None -> the official sample.py's classes (or 0..min(8, classes)-1 for small models)."""
     if text is None:
         labels = list(OFFICIAL_LABELS) if num_classes == 1000 else list(range(min(8, num_classes)))
     else:
-        try:
-            labels = [int(v) for v in text.replace(" ", "").split(",") if v]
-        except ValueError:
-            raise ValueError(f"--labels must be comma-separated integers, got {text!r}") from None
-        if not labels:
-            raise ValueError("--labels is empty")
+        labels = label_list(text)
     bad = [v for v in labels if not 0 <= v < num_classes]
     if bad:
-        raise ValueError(f"labels {bad} are outside [0, {num_classes}) for this model")
+        raise ValueError(f"--labels: {bad} are outside [0, {num_classes}) for this model ({num_classes} classes)")
     return np.asarray(labels, np.int32)
 
 
@@ -163,7 +178,8 @@ def add_common_args(p: argparse.ArgumentParser, *, cfg_scale: float, vae: str) -
     """Flags shared by `sample` and `sample-fid` (defaults follow the official sample.py / sample_ddp.py)."""
     p.add_argument("--ckpt", help="training workdir, converted folder, official .pt or diffusers folder "
                    "(default: the official DiT-XL/2 for --image-size, downloaded once)")
-    p.add_argument("--image-size", type=int, choices=(256, 512), default=256, help="official checkpoint to use")
+    p.add_argument("--image-size", type=int, choices=(256, 512), default=None,
+                   help="the official checkpoint to use without --ckpt: 256 (default) or 512")
     p.add_argument("--cfg-scale", type=float, default=cfg_scale, help=f"guidance scale (default {cfg_scale}; 1 = off)")
     p.add_argument("--cfg-channels", type=cfg_channels_arg, default="auto",
                    help="eps channels guided: an integer or 'all' (default: 3 for latent models as the official "
@@ -183,13 +199,134 @@ def settings_from_args(args: argparse.Namespace, loaded: LoadedModel) -> SampleS
     cfg_channels = args.cfg_channels
     if cfg_channels == "auto":
         cfg_channels = None if loaded.pixel_space else 3
+    elif cfg_channels is not None and cfg_channels > loaded.model.out_channels:
+        raise ValueError(f"--cfg-channels {cfg_channels}: this model has {loaded.model.out_channels} output "
+                         f"channels (guide at most that many, or 'all')")
     return SampleSettings(num_steps=args.steps, cfg_scale=args.cfg_scale, cfg_channels=cfg_channels,
                           sampler=args.sampler, eta=args.eta, clip_denoised=loaded.clip_denoised)
 
 
-def error(command: str, e: BaseException) -> int:
-    print(f"dit-jax {command}: error: {e}", file=sys.stderr)
-    return 1
+# ----------------------------------------------------------------------------------------------------------
+# Checks made before anything is loaded: a sampling run can take hours, so a bad flag or output path fails at once.
+# ----------------------------------------------------------------------------------------------------------
+def check_common_args(args: argparse.Namespace) -> None:
+    """UsageError for values and combinations of add_common_args' flags that no model can sample with."""
+    from dit_jax.diffusion import space_timesteps
+
+    if args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: expected a positive number of sampling steps (default 250)")
+    settings = SampleSettings(num_steps=args.steps, sampler=args.sampler)
+    try:
+        space_timesteps(1000, settings.respacing)  # the 1000-step process every DiT is trained with
+    except ValueError as e:
+        raise UsageError(f"--steps {args.steps} with --sampler {args.sampler}: {e}; choose another --steps") from e
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise UsageError(f"--cfg-scale {args.cfg_scale}: expected a finite number >= 0 (1 = no guidance)")
+    if args.eta != 0 and args.sampler != "ddim":
+        raise UsageError(f"--eta {args.eta}: eta applies to the ddim sampler only; add --sampler ddim or drop --eta")
+    if not 0 <= args.eta <= 1:  # also NaN; DDIM's eta goes from deterministic (0) to DDPM-like noise (1)
+        raise UsageError(f"--eta {args.eta}: expected a number in [0, 1] (0: deterministic DDIM)")
+    if args.cfg_channels != "auto":
+        if args.cfg_scale == 1.0:
+            raise UsageError("--cfg-channels applies to guidance only, which --cfg-scale 1 turns off: drop one")
+        if args.cfg_channels is not None and args.cfg_channels < 1:
+            raise UsageError(f"--cfg-channels {args.cfg_channels}: expected a positive number of channels or 'all'")
+    if args.ckpt is not None and args.image_size is not None:
+        raise UsageError("--image-size chooses the official checkpoint; with --ckpt the size comes from the "
+                         "checkpoint: drop --image-size")
+    if args.vae is not None:
+        check_vae_arg(args.vae)
+    if args.ckpt is not None:
+        check_checkpoint_arg(args.ckpt, "--ckpt", folders=True)
+
+
+def check_vae_arg(vae: str) -> None:
+    """--vae: a registry name (ema, mse, ...) or an existing folder."""
+    from dit_jax.weights.registry import UnknownWeightsError, resolve_name
+
+    try:
+        resolve_name(vae, "vae")
+        return
+    except UnknownWeightsError:
+        pass
+    path = Path(vae).expanduser()
+    if not path.exists():
+        raise ValueError(f"--vae {vae}: no such folder; give ema, mse or a diffusers VAE folder")
+    if not path.is_dir():
+        raise ValueError(f"--vae {vae} is a file; give ema, mse or a diffusers VAE folder (with config.json)")
+
+
+def check_checkpoint_arg(ckpt: str, flag: str, *, folders: bool) -> None:
+    """ckpt must be something a loader reads: a training run, a checkpoint file (.pt/.pth/.bin/.ckpt or
+    .safetensors) or, with folders (DiT: `dit-jax sample`, `sample-fid`), a converted or diffusers folder, or a
+    registry name. Refused early with what it is and what is expected."""
+    from dit_jax.convert.cli import CONFIG_FILE
+    from dit_jax.convert.pt_reader import PT_SUFFIXES
+    from dit_jax.train.export import checkpoint_dir, is_training_run
+    from dit_jax.weights.registry import UnknownWeightsError, resolve_name
+
+    suffixes = (*PT_SUFFIXES, ".safetensors")
+    expected = (f"a training run, a `dit-jax convert` folder, a checkpoint file ({', '.join(suffixes)}) or a "
+                "diffusers folder" if folders else
+                f"a dit-jax training run or a checkpoint file ({', '.join(suffixes)})")
+    path = Path(ckpt).expanduser()
+    if not path.exists():
+        if folders:
+            try:
+                resolve_name(ckpt, "dit")  # a registry name: downloaded
+                return
+            except UnknownWeightsError:
+                pass
+        raise ValueError(f"{flag} {ckpt}: no such file or folder; expected {expected}")
+    if path.is_file():
+        if path.suffix not in suffixes:
+            raise ValueError(f"{flag} {ckpt}: not a checkpoint file (suffix {path.suffix or 'none'!r}); "
+                             f"expected {expected}")
+        return
+    if is_training_run(path):
+        return
+    if folders and ((path / CONFIG_FILE).is_file() or (path / "config.json").is_file()
+                    or (path / "transformer" / "config.json").is_file()):
+        return
+    if checkpoint_dir(path).name == "checkpoints":
+        raise ValueError(f"{flag} {ckpt}: a training run without a complete checkpoint yet (the trainer saves one "
+                         "every train.ckpt_every steps)")
+    raise ValueError(f"{flag} {ckpt}: a folder that is not {expected}")
+
+
+def _write_test(folder: Path, target: Path, flag: str) -> None:
+    """`folder` (which need not exist yet) can be created and written to: its nearest existing ancestor is a
+    folder where a file can be created. Probed with a temporary file, removed at once: permission bits do not tell
+    (root on a read-only file system, or under /sys)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{flag} {target}: not a folder", str(existing))
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".dit-jax-write-test-")
+    except OSError as e:
+        raise OSError(e.errno, f"{flag} {target}: {e.strerror}", str(existing)) from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """The file `flag` names can be written (see _write_test); nothing is created."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"{flag} names a folder", str(path))
+    _write_test(path.parent, path, flag)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """The folder `flag` names is (or can be created as) a folder that can be written; nothing is created."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{flag} names a file, not a folder", str(path))
+    _write_test(path, path, flag)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,17 +350,22 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    try:
-        loaded = load_model(args.ckpt, image_size=args.image_size, dtype=args.dtype, cache_dir=args.cache_dir,
-                            offline=args.offline, progress=args.progress)
-        labels = parse_labels(args.labels, loaded.model.num_classes)
-        settings = settings_from_args(args, loaded)
-        mesh = data_mesh(jax.local_devices())
-        decoder = load_decoder(loaded, vae_name(loaded, args.vae, args.default_vae), mesh, cache_dir=args.cache_dir,
-                               offline=args.offline, progress=args.progress)
-        sampler = Sampler.for_model(loaded.model, settings, mesh=mesh)
-    except (ValueError, OSError, ImportError) as e:
-        return error("sample", e)
+    check_common_args(args)
+    if args.nrow < 1:
+        raise UsageError(f"--nrow {args.nrow}: expected a positive number of images per row")
+    if args.labels is not None:
+        label_list(args.labels)  # the form now; the range once the model is known
+    check_output_file(args.out, "--out")
+    if args.npz:
+        check_output_file(args.npz, "--npz")
+    loaded = load_model(args.ckpt, image_size=args.image_size or 256, dtype=args.dtype, cache_dir=args.cache_dir,
+                        offline=args.offline, progress=args.progress)
+    labels = parse_labels(args.labels, loaded.model.num_classes)
+    settings = settings_from_args(args, loaded)
+    mesh = data_mesh(jax.local_devices())
+    decoder = load_decoder(loaded, vae_name(loaded, args.vae, args.default_vae), mesh, cache_dir=args.cache_dir,
+                           offline=args.offline, progress=args.progress)
+    sampler = Sampler.for_model(loaded.model, settings, mesh=mesh)
     print(f"sampling {len(labels)} images from {loaded.name} ({settings.sampler}, {settings.num_steps} steps, "
           f"cfg {settings.cfg_scale}) on {mesh.size} {jax.local_devices()[0].platform} device(s)", flush=True)
     t1 = time.perf_counter()
@@ -233,8 +375,7 @@ def run(args: argparse.Namespace) -> int:
     upscale = max(1, 64 // images.shape[1])  # tiny pixel-space samples are enlarged to be visible
     out = save_png(make_grid(images, nrow=args.nrow), args.out, upscale=upscale)
     if args.npz:
-        Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.npz, images=images, labels=labels)
+        save_npz(args.npz, images=images, labels=labels)
     print(f"wrote {out.resolve()} ({len(labels)} images, labels {labels.tolist()}); "
           f"sampling {t2 - t1:.1f}s, total {time.perf_counter() - t0:.1f}s")
     return 0

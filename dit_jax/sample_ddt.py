@@ -35,6 +35,8 @@ from dit_jax.models.ddt import DDT, DDT_models
 from dit_jax.sample import pad_to_multiple
 from dit_jax.sample_cli import LoadedModel, load_model
 
+DEFAULT_VARIANT = "DDT-XL/2"  # the released checkpoint's (MCG-NJU/DDT: DDT-XL-22en6de-R256)
+
 
 class DDTSampler:
     """Euler ODE sampling of a DDT, the encoder shared across steps by `schedule` (see the module docstring)."""
@@ -185,14 +187,19 @@ def load_ddt(variant: str, image_size: int, ckpt: str | None = None, *, which: s
         return make(input_size=image_size // 8, rngs=nnx.Rngs(seed))
     if not ckpt:
         raise ValueError("give a DDT checkpoint (--ckpt / --checkpoint: .ckpt/.pt or .safetensors) or --random-init")
+    from dit_jax.convert.common import CheckpointMismatchError
     from dit_jax.convert.ddt import load_official_ddt
     from dit_jax.convert.pt_reader import read_state_dict
 
     abstract = nnx.eval_shape(lambda: make(input_size=image_size // 8, rngs=nnx.Rngs(0)))
-    return load_official_ddt(abstract, read_state_dict(ckpt), which=which)
+    try:
+        return load_official_ddt(abstract, read_state_dict(ckpt), which=which)
+    except CheckpointMismatchError as e:  # hundreds of keys: the summary, in one line
+        raise ValueError(f"{ckpt} does not fit {variant}: {e.summary()} (is it a {variant} checkpoint? --debug lists "
+                         "every key)") from e
 
 
-def load_flow_model(ckpt: str | None, *, variant: str = "DDT-XL/2", image_size: int | None = None,
+def load_flow_model(ckpt: str | None, *, variant: str = DEFAULT_VARIANT, image_size: int | None = None,
                     which: str = "ema", random_init: bool = False, seed: int = 0) -> LoadedModel:
     """What `sample-ddt` and `ddt-schedule` sample: a dit-jax training run trained with objective=flow (a DDT, or a
     SiT-style DiT; its EMA weights with which="ema", its size, VAE and flow.time_scale from the run's config), a

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,52 +37,133 @@ import jax
 from dit_jax import distributed
 from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import load_schedule, uniform_schedule
+from dit_jax.errors import UsageError
 from dit_jax.images import make_grid, save_png
 from dit_jax.sample import data_mesh
-from dit_jax.sample_cli import Decoder, error, load_decoder, parse_labels, vae_name
-from dit_jax.sample_ddt import KeyedDDTSampler, load_flow_model, make_flow_sampler
+from dit_jax.sample_cli import (Decoder, check_checkpoint_arg, check_output_file, check_output_folder, check_vae_arg,
+                                label_list, load_decoder, parse_labels, vae_name)
+from dit_jax.sample_ddt import DEFAULT_VARIANT, KeyedDDTSampler, load_flow_model, make_flow_sampler
+
+# defaults of the flags that apply to one mode only (None in the parser, so that a flag given in the other mode is
+# an error instead of being ignored)
+GRID_DEFAULTS = dict(out="sample_ddt.png", nrow=4)
+FID_DEFAULTS = dict(per_device_batch=32, sample_dir="samples")
 
 
 def schedule_from_args(args: argparse.Namespace) -> list[int] | None:
-    if args.schedule and args.refresh_rate:
-        raise ValueError("give --schedule or --refresh-rate, not both")
     if args.schedule:
         schedule, meta = load_schedule(args.schedule)
         if meta.get("num_steps", args.steps) != args.steps:
-            raise ValueError(f"{args.schedule} was computed for {meta['num_steps']} steps, not --steps {args.steps}")
+            raise ValueError(f"{args.schedule} was computed for {meta['num_steps']} steps, not --steps {args.steps}: "
+                             f"pass --steps {meta['num_steps']}, or compute a schedule for {args.steps} steps "
+                             "(dit-jax ddt-schedule)")
         return schedule
     if args.refresh_rate:
         return uniform_schedule(args.steps, args.refresh_rate)
     return None
 
 
+def check_flow_args(num_steps: int, cfg_scale: float | None, interval_min: float, interval_max: float, shift: float,
+                    last_step: float, *, steps_flag: str = "--steps") -> None:
+    """UsageError for flow-sampler settings no model can sample with (shared with `dit-jax ddt-schedule`)."""
+    if num_steps < 1:
+        raise UsageError(f"{steps_flag} {num_steps}: expected a positive number of sampling steps (DDT: 250)")
+    if cfg_scale is not None and not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise UsageError(f"--cfg-scale {cfg_scale}: expected a finite number >= 0 (1 = no guidance)")
+    if not (math.isfinite(interval_min) and math.isfinite(interval_max) and interval_min < interval_max):
+        raise UsageError(f"--interval-min {interval_min} --interval-max {interval_max}: guidance applies where "
+                         "interval-min < t < interval-max, so interval-min must be below interval-max (DDT: 0.3, 1.0)")
+    if not (math.isfinite(shift) and shift > 0):
+        raise UsageError(f"--shift {shift}: expected a number > 0 (1 = no time shift)")
+    if not 0 < last_step <= 1:
+        raise UsageError(f"--last-step {last_step}: expected a number in (0, 1] (DDT: 0.04)")
+
+
+def check_variant(variant: str | None) -> None:
+    """UsageError for a --variant that names no DDT (the released ones: MCG-NJU/DDT configs)."""
+    from dit_jax.models.ddt import DDT_models
+
+    if variant is not None and variant not in DDT_models:
+        raise UsageError(f"--variant {variant}: unknown DDT variant; expected one of {', '.join(DDT_models)}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """UsageError for flags that are invalid or do not apply together (before anything is loaded), then the
+    paths: ValueError for a --ckpt, --vae or --schedule no loader reads."""
+    if args.random_init and args.ckpt:
+        raise UsageError("--random-init samples an untrained model and would ignore --ckpt: give one of them")
+    if not args.random_init and not args.ckpt:
+        raise UsageError("give a DDT checkpoint or flow training run (--ckpt), or --random-init for an untrained model")
+    if args.random_init and args.which is not None:
+        raise UsageError("--which chooses the EMA or trained weights of a checkpoint; --random-init has none")
+    args.which = args.which or "ema"  # (recorded in an FID folder's manifest)
+    check_variant(args.variant)
+    check_flow_args(args.steps, args.cfg_scale, args.interval_min, args.interval_max, args.shift, args.last_step)
+    if args.schedule and args.refresh_rate:
+        raise UsageError("give --schedule or --refresh-rate, not both")
+    if args.refresh_rate < 0:
+        raise UsageError(f"--refresh-rate {args.refresh_rate}: expected the encoder every R >= 1 steps (0: every step)")
+    fid = args.num_samples is not None
+    if fid:
+        from dit_jax.sample_fid import check_counts
+
+        check_counts(args.num_samples, args.per_device_batch or 1)
+        given = [f"--{k.replace('_', '-')}" for k in ("labels", *GRID_DEFAULTS) if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a grid only; "
+                             "--num-samples writes class-balanced samples for FID into --sample-dir: drop "
+                             + ("them" if len(given) > 1 else "it") + " or --num-samples")
+    else:
+        given = [f"--{k.replace('_', '-')}" for k in FID_DEFAULTS if getattr(args, k) is not None]
+        given += ["--overwrite"] if args.overwrite else []
+        if given:
+            raise UsageError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to FID mode only "
+                             "(--num-samples N): add --num-samples or drop " + ("them" if len(given) > 1 else "it"))
+        if args.nrow is not None and args.nrow < 1:
+            raise UsageError(f"--nrow {args.nrow}: expected a positive number of images per row")
+        if args.labels is not None:
+            label_list(args.labels)  # the form now; the range once the model is known
+    for k, v in (GRID_DEFAULTS if not fid else FID_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.vae:
+        check_vae_arg(args.vae)
+    if args.schedule:
+        path = Path(args.schedule).expanduser()
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else ": no such file"
+            raise ValueError(f"--schedule {args.schedule} {what}; give a schedule JSON written by `dit-jax "
+                             "ddt-schedule`".replace(" :", ":"))
+    if args.ckpt:
+        check_checkpoint_arg(args.ckpt, "--ckpt", folders=False)
+        if args.variant is not None:
+            from dit_jax.train.export import is_training_run
+
+            if is_training_run(args.ckpt):
+                raise ValueError(f"--variant does not apply to {args.ckpt}: a training run's architecture comes "
+                                 "from its config; drop --variant")
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    try:
-        distributed.from_args(args)  # before any other JAX call
-    except distributed.DistributedError as e:
-        print(f"dit-jax sample-ddt: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        if args.num_samples is not None and (args.num_samples < 1 or args.per_device_batch < 1):
-            raise ValueError("--num-samples and --per-device-batch must be >= 1")
-        loaded = load_flow_model(args.ckpt, variant=args.variant, image_size=args.image_size, which=args.which,
-                                 random_init=args.random_init, seed=args.seed)
-        if loaded.pixel_space and args.vae:
-            raise ValueError(f"{args.ckpt} samples pixels (a run without a VAE); --vae does not apply")
-        model = loaded.model
-        labels = parse_labels(args.labels, model.num_classes)
-        cfg = args.cfg_scale if args.cfg_scale is not None else (3.0 if loaded.image_size == 512 else 2.0)
-        settings = flow.FlowSampleSettings(num_steps=args.steps, cfg_scale=cfg, interval_min=args.interval_min,
-                                           interval_max=args.interval_max, shift=args.shift,
-                                           last_step=args.last_step)
-        sampler = make_flow_sampler(model, settings, schedule_from_args(args), time_scale=loaded.time_scale)
-        fid = args.num_samples is not None
-        mesh = data_mesh(jax.local_devices() if fid else jax.local_devices()[:1])
-        vae = vae_name(loaded, args.vae, "ema")
-        decoder = load_decoder(loaded, vae, mesh, cache_dir=args.cache_dir, offline=args.offline)
-    except (ValueError, OSError, ImportError) as e:
-        return error("sample-ddt", e)
+    check_args(args)
+    distributed.from_args(args)  # before any other JAX call
+    fid = args.num_samples is not None
+    if fid:
+        check_output_folder(args.sample_dir, "--sample-dir")
+    elif jax.process_index() == 0:  # the one writer of the grid
+        check_output_file(args.out, "--out")
+    loaded = load_flow_model(args.ckpt, variant=args.variant or DEFAULT_VARIANT, image_size=args.image_size,
+                             which=args.which, random_init=args.random_init, seed=args.seed)
+    model = loaded.model
+    labels = parse_labels(args.labels, model.num_classes)
+    cfg = args.cfg_scale if args.cfg_scale is not None else (3.0 if loaded.image_size == 512 else 2.0)
+    settings = flow.FlowSampleSettings(num_steps=args.steps, cfg_scale=cfg, interval_min=args.interval_min,
+                                       interval_max=args.interval_max, shift=args.shift, last_step=args.last_step)
+    sampler = make_flow_sampler(model, settings, schedule_from_args(args), time_scale=loaded.time_scale)
+    mesh = data_mesh(jax.local_devices() if fid else jax.local_devices()[:1])
+    vae = vae_name(loaded, args.vae, "ema")
+    decoder = load_decoder(loaded, vae, mesh, cache_dir=args.cache_dir, offline=args.offline)
     calls = len(sampler.schedule)
     what = f"{args.num_samples:,} images for FID" if fid else f"{len(labels)} images"
     encoder = (f"encoder on {calls} of {args.steps} steps" if getattr(model, "num_encoder_blocks", 0)
@@ -117,12 +199,9 @@ def _run_fid(args: argparse.Namespace, loaded: Any, vae: str, sampler: Any, sett
     manifest = dict(model=loaded.name, ckpt=None if args.random_init else Path(args.ckpt).name, which=args.which,
                     image_size=loaded.image_size, vae=vae, time_scale=loaded.time_scale,
                     settings=dataclasses.asdict(settings), schedule=sampler.schedule)
-    try:
-        out = sample_fid(KeyedDDTSampler(sampler, loaded.model, mesh), decoder, folder, num_samples=args.num_samples,
-                         seed=args.seed, shard_size=args.per_device_batch * mesh.size, manifest=manifest,
-                         overwrite=args.overwrite, progress=args.progress)
-    except (ValueError, OSError) as e:
-        return error("sample-ddt", e)
+    out = sample_fid(KeyedDDTSampler(sampler, loaded.model, mesh), decoder, folder, num_samples=args.num_samples,
+                     seed=args.seed, shard_size=args.per_device_batch * mesh.size, manifest=manifest,
+                     overwrite=args.overwrite, progress=args.progress)
     if out is not None:
         print(f"wrote {out.resolve()} (arr_0: {args.num_samples:,} uint8 images); encoder ran {sampler.encoder_calls} "
               f"times; total {time.perf_counter() - t0:.0f}s")
@@ -134,8 +213,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="DDT checkpoint (MCG-NJU Lightning .ckpt/.pt, or .safetensors), or a dit-jax "
                    "training run trained with objective=flow (a DDT or a SiT-style DiT; its EMA weights)")
-    p.add_argument("--variant", default="DDT-XL/2")
-    p.add_argument("--which", choices=("ema", "model"), default="ema", help="ema_denoiser (default) or denoiser")
+    p.add_argument("--variant", help=f"DDT-S/2 | DDT-B/2 | DDT-L/2 | DDT-XL/2 of a checkpoint or --random-init "
+                   f"(default {DEFAULT_VARIANT}; a training run's comes from its config)")
+    p.add_argument("--which", choices=("ema", "model"), help="ema_denoiser (default) or denoiser")
     p.add_argument("--random-init", action="store_true", help="an untrained model (smoke runs)")
     p.add_argument("--image-size", type=int, choices=(256, 512), default=None,
                    help="256 (default) or 512 for a checkpoint; a training run's own size otherwise")
@@ -152,11 +232,13 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--vae", help="ema | mse | a local diffusers VAE folder (default: a training run's own, else ema)")
     p.add_argument("--cache-dir", help="weights cache (default $DIT_JAX_CACHE or ~/.cache/dit_jax)")
     p.add_argument("--offline", action="store_true", default=None, help="never download; use the cache only")
-    p.add_argument("--out", default="sample_ddt.png")
-    p.add_argument("--nrow", type=int, default=4)
+    p.add_argument("--out", help=f"the PNG grid to write (default {GRID_DEFAULTS['out']})")
+    p.add_argument("--nrow", type=int, help=f"images per grid row (default {GRID_DEFAULTS['nrow']})")
     p.add_argument("--num-samples", type=int, help="FID mode: N samples into <sample-dir>/<run>.npz, not a grid")
-    p.add_argument("--per-device-batch", type=int, default=32, help="FID mode: samples per device per call")
-    p.add_argument("--sample-dir", default="samples", help="FID mode: parent of the shard folder and the .npz")
+    p.add_argument("--per-device-batch", type=int,
+                   help=f"FID mode: samples per device per call (default {FID_DEFAULTS['per_device_batch']})")
+    p.add_argument("--sample-dir", help="FID mode: parent of the shard folder and the .npz (default "
+                   f"{FID_DEFAULTS['sample_dir']})")
     p.add_argument("--overwrite", action="store_true", help="FID mode: discard shards made with other settings")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     distributed.add_arguments(p)

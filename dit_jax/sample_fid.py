@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ import jax
 import numpy as np
 
 from dit_jax import distributed
+from dit_jax.errors import UsageError
 from dit_jax.evaluate.npz import write_npz_stream
 from dit_jax.sample import Sampler, SampleSettings, data_mesh, example_keys
 
@@ -80,8 +82,12 @@ def read_shard(path: Path, expected: range, image_shape: tuple[int, ...] | None 
 
 def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, indices: range) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, images=images, labels=labels, indices=np.arange(indices.start, indices.stop))
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, images=images, labels=labels, indices=np.arange(indices.start, indices.stop))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_manifest(folder: Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any]:
@@ -131,6 +137,8 @@ def sample_fid(
     from tqdm.auto import tqdm
 
     folder = Path(folder)
+    if Path(f"{folder}.npz").is_dir():  # found now, not after hours of sampling
+        raise IsADirectoryError(errno.EISDIR, "a folder is where the samples' .npz goes", f"{folder}.npz")
     labels = fid_labels(num_samples, sampler.num_classes, seed)
     manifest = dict(manifest, num_samples=num_samples, seed=seed, shard_size=shard_size, labels="balanced-shuffled")
     refused: OSError | ValueError | None = None
@@ -220,41 +228,43 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dit_jax.sample_cli import error, load_decoder, load_model, settings_from_args, vae_name
+    from dit_jax.sample_cli import (check_common_args, check_output_folder, load_decoder, load_model,
+                                    settings_from_args, vae_name)
 
     t0 = time.perf_counter()
-    try:
-        distributed.from_args(args)  # before any other JAX call
-    except distributed.DistributedError as e:
-        print(f"dit-jax sample-fid: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        if args.num_samples < 1 or args.per_device_batch < 1:
-            raise ValueError("--num-samples and --per-device-batch must be >= 1")
-        loaded = load_model(args.ckpt, image_size=args.image_size, dtype=args.dtype, cache_dir=args.cache_dir,
-                            offline=args.offline, progress=args.progress)
-        settings = settings_from_args(args, loaded)
-        mesh = data_mesh(jax.local_devices())
-        vae = vae_name(loaded, args.vae, args.default_vae)
-        decoder = load_decoder(loaded, vae, mesh, cache_dir=args.cache_dir, offline=args.offline,
-                               progress=args.progress)
-        sampler = Sampler.for_model(loaded.model, settings, mesh=mesh)
-        folder = Path(args.sample_dir) / (f"{loaded.name}-size-{loaded.image_size}-vae-{Path(vae).name}-"
-                                          f"cfg-{float(settings.cfg_scale)}-seed-{args.seed}")
-        manifest = dict(model=loaded.name, image_size=loaded.image_size, vae=vae,
-                        settings=_jsonable(settings), dtype=args.dtype)
-        where = f"{jax.process_count()} processes x {mesh.size}" if jax.process_count() > 1 else f"{mesh.size}"
-        print(f"{distributed.process_tag()}sampling {args.num_samples:,} images from {loaded.name} into {folder}/ on "
-              f"{where} device(s)", flush=True)
-        out = sample_fid(sampler, decoder, folder, num_samples=args.num_samples, seed=args.seed,
-                         shard_size=args.per_device_batch * mesh.size, manifest=manifest, overwrite=args.overwrite,
-                         progress=args.progress)
-    except (ValueError, OSError, ImportError) as e:
-        return error("sample-fid", e)
+    check_common_args(args)
+    check_counts(args.num_samples, args.per_device_batch)
+    distributed.from_args(args)  # before any other JAX call
+    check_output_folder(args.sample_dir, "--sample-dir")
+    loaded = load_model(args.ckpt, image_size=args.image_size or 256, dtype=args.dtype, cache_dir=args.cache_dir,
+                        offline=args.offline, progress=args.progress)
+    settings = settings_from_args(args, loaded)
+    mesh = data_mesh(jax.local_devices())
+    vae = vae_name(loaded, args.vae, args.default_vae)
+    decoder = load_decoder(loaded, vae, mesh, cache_dir=args.cache_dir, offline=args.offline, progress=args.progress)
+    sampler = Sampler.for_model(loaded.model, settings, mesh=mesh)
+    folder = Path(args.sample_dir) / (f"{loaded.name}-size-{loaded.image_size}-vae-{Path(vae).name}-"
+                                      f"cfg-{float(settings.cfg_scale)}-seed-{args.seed}")
+    manifest = dict(model=loaded.name, image_size=loaded.image_size, vae=vae,
+                    settings=_jsonable(settings), dtype=args.dtype)
+    where = f"{jax.process_count()} processes x {mesh.size}" if jax.process_count() > 1 else f"{mesh.size}"
+    print(f"{distributed.process_tag()}sampling {args.num_samples:,} images from {loaded.name} into {folder}/ on "
+          f"{where} device(s)", flush=True)
+    out = sample_fid(sampler, decoder, folder, num_samples=args.num_samples, seed=args.seed,
+                     shard_size=args.per_device_batch * mesh.size, manifest=manifest, overwrite=args.overwrite,
+                     progress=args.progress)
     if out is not None:
         print(f"wrote {out.resolve()} (arr_0 uint8 ({args.num_samples}, {loaded.image_size}, {loaded.image_size}, "
               f"C)) in {time.perf_counter() - t0:.0f}s")
     return 0
+
+
+def check_counts(num_samples: int, per_device_batch: int) -> None:
+    """UsageError for a --num-samples or --per-device-batch below 1 (shared with `sample-ddt --num-samples`)."""
+    if num_samples < 1:
+        raise UsageError(f"--num-samples {num_samples}: expected a positive number of samples (FID uses 50,000)")
+    if per_device_batch < 1:
+        raise UsageError(f"--per-device-batch {per_device_batch}: expected a positive number of samples per device")
 
 
 def _jsonable(settings: SampleSettings) -> dict[str, Any]:

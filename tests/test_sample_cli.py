@@ -75,15 +75,15 @@ def test_sample_cli_writes_grid_and_npz(run_dir, tmp_path, capsys):
         np.testing.assert_array_equal(f["images"], images)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--labels", "0,10"], "outside [0, 10)"),
-    (["--labels", "a,b"], "comma-separated integers"),
-    (["--steps", "0"], "num_steps"),
-    (["--sampler", "ddpm", "--eta", "0.5"], "eta applies to the ddim sampler only"),
+@pytest.mark.parametrize("argv, message, status", [
+    (["--labels", "0,10"], "outside [0, 10)", 1),  # known once the model is loaded
+    (["--labels", "a,b"], "comma-separated integers", 2),  # usage errors: found before anything is loaded
+    (["--steps", "0"], "--steps 0", 2),
+    (["--sampler", "ddpm", "--eta", "0.5"], "eta applies to the ddim sampler only", 2),
 ])
-def test_sample_cli_errors(run_dir, tmp_path, capsys, argv, message):
+def test_sample_cli_errors(run_dir, tmp_path, capsys, argv, message, status):
     workdir, _ = run_dir
-    assert main(["sample", "--ckpt", str(workdir), "--out", str(tmp_path / "x.png"), "--no-progress", *argv]) == 1
+    assert main(["sample", "--ckpt", str(workdir), "--out", str(tmp_path / "x.png"), "--no-progress", *argv]) == status
     err = capsys.readouterr().err
     assert err.startswith("dit-jax sample: error:") and message in err
     assert not (tmp_path / "x.png").exists()

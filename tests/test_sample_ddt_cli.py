@@ -59,7 +59,7 @@ def test_sample_ddt_errors(ckpt, vae, tmp_path, capsys):
     base = ["sample-ddt", "--variant", "DDT-S/2", "--vae", str(vae), "--out", str(tmp_path / "x.png")]
     assert cli.main(base + ["--ckpt", str(ckpt), "--steps", "6", "--schedule", str(sched)]) == 1
     assert "computed for 4 steps" in capsys.readouterr().err
-    assert cli.main(base) == 1
+    assert cli.main(base) == 2  # neither --ckpt nor --random-init: a usage error
     assert "--ckpt" in capsys.readouterr().err
     assert cli.main(base[:2] + ["DDT-B/2", "--ckpt", str(ckpt)] + base[3:]) == 1  # wrong size: named keys
     assert "blocks" in capsys.readouterr().err

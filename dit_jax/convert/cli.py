@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +29,7 @@ from flax import nnx
 from dit_jax.convert.common import (
     VAE_DOWNSAMPLE,
     Arch,
+    CheckpointMismatchError,
     CheckpointReadError,
     assign,
     heads_for_width,
@@ -43,6 +44,7 @@ from dit_jax.convert.diffusers_dit import (
 )
 from dit_jax.convert.official_dit import infer_official_arch, load_official_dit
 from dit_jax.convert.pt_reader import PT_SUFFIXES, read_pt, read_state_dict
+from dit_jax.errors import UsageError
 from dit_jax.models.dit import DiT, decode_variant
 
 CONFIG_FILE = "dit_config.json"
@@ -74,17 +76,64 @@ class ConvertError(ValueError):
 # Source detection and model description.
 # ----------------------------------------------------------------------------------------------------------
 def detect_source(path: Path) -> str:
+    """'official' (a .pt/.pth/.bin/.ckpt or .safetensors file) or 'diffusers' (a model folder with config.json)."""
+    if not path.exists():
+        raise ConvertError(f"{path}: no such file or folder: check the path")
     if path.is_dir():
         if (path / "config.json").is_file() or (path / "transformer" / "config.json").is_file():
             return "diffusers"
-        raise ConvertError(f"{path}: a folder without config.json (nor transformer/config.json) is not a diffusers model")
+        raise ConvertError(
+            f"{path}: a folder without config.json (nor transformer/config.json), so not a diffusers model folder; "
+            f"pass a diffusers DiT folder, or an official checkpoint file ({', '.join(PT_SUFFIXES)}, .safetensors)"
+        )
     if path.suffix in PT_SUFFIXES:
         return "official"
     if path.suffix == ".safetensors":
         return "official"  # a diffusers file alone lacks num_heads and sample_size: pass its folder instead
-    if not path.exists():
-        raise ConvertError(f"{path}: no such file or folder")
-    raise ConvertError(f"{path}: cannot tell the source; pass --source official|diffusers")
+    raise ConvertError(
+        f"{path}: not a checkpoint this command reads (suffix {path.suffix or 'none'!r}; expected one of "
+        f"{', '.join(PT_SUFFIXES)}, .safetensors, or a diffusers model folder); if it is one, pass "
+        "--source official|diffusers"
+    )
+
+
+def check_options(
+    image_size: int | None = None,
+    num_heads: int | None = None,
+    embedder_atol: float = 0.0,
+    timestep_freq_shift: float = 0.0,
+) -> None:
+    """ConvertError for an option value no conversion can use (before anything is read)."""
+    if image_size is not None and (image_size <= 0 or image_size % VAE_DOWNSAMPLE):
+        raise ConvertError(f"--image-size {image_size}: expected a positive multiple of {VAE_DOWNSAMPLE} (e.g. 256)")
+    if num_heads is not None and num_heads < 1:
+        raise ConvertError(f"--num-heads {num_heads}: expected a positive number of attention heads")
+    if not (math.isfinite(embedder_atol) and embedder_atol >= 0):
+        raise ConvertError(f"--embedder-atol {embedder_atol}: expected a tolerance >= 0")
+    if not math.isfinite(timestep_freq_shift):
+        raise ConvertError(f"--timestep-freq-shift {timestep_freq_shift}: expected a finite number (0 or 1)")
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Before any work: `out` must not exist (or, with overwrite, be an earlier conversion or an empty folder),
+    and its parent folder must be creatable and writable (the OSError that writing would give, otherwise)."""
+    from dit_jax.weights.transfer import check_writable_folder
+
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise ConvertError(f"{out} exists; pass --overwrite to replace it, or choose another OUTPUT_DIR")
+        if not out.is_dir():
+            raise ConvertError(
+                f"{out} is a file, not a converted folder; --overwrite only replaces the output of an earlier "
+                "`dit-jax convert`: move the file or choose another OUTPUT_DIR"
+            )
+        if not ((out / CONFIG_FILE).exists() or (out / STATE_DIR).exists() or not any(out.iterdir())):
+            raise ConvertError(
+                f"{out} is a folder that holds no converted checkpoint ({CONFIG_FILE} / {STATE_DIR}/); --overwrite "
+                "only replaces the output of an earlier `dit-jax convert`, so nothing else is deleted: choose "
+                "another OUTPUT_DIR"
+            )
+    check_writable_folder(out.absolute().parent)
 
 
 def _variant_kwargs(variant: str) -> dict[str, int]:
@@ -190,16 +239,23 @@ def convert(
     args = argparse.Namespace(variant=variant, image_size=image_size, num_heads=num_heads)
     src = Path(input_path)
     out = Path(output_dir)
-    if out.exists() and not overwrite:
-        raise ConvertError(f"{out} exists; pass --overwrite to replace it")
+    check_options(image_size, num_heads, embedder_atol, timestep_freq_shift)
+    if weights not in ("ema", "model"):
+        raise ConvertError(f"weights {weights!r}: expected 'ema' or 'model'")
     source = source or detect_source(src)
     if source not in ("official", "diffusers"):
         raise ConvertError(f"unknown source {source!r}; expected 'official' or 'diffusers'")
+    if not src.exists():
+        raise ConvertError(f"{src}: no such file or folder: check the path")
+    check_output(out, overwrite)  # before reading: a checkpoint can take minutes to read and convert
 
     hashed: dict[str, str] = {}
     if source == "diffusers":
         if not src.is_dir():
-            raise ConvertError(f"{src}: a diffusers source is a model folder with config.json")
+            raise ConvertError(
+                f"{src}: a file, where a diffusers source is a model folder with config.json (for an official "
+                "checkpoint file, pass --source official or leave --source out)"
+            )
         config, sd, files = read_diffusers_folder(src)
         kw = _diffusers_kwargs(args, config)
         folder = files[0].parent
@@ -209,7 +265,10 @@ def convert(
         train_args = None
     else:
         if not src.is_file():
-            raise ConvertError(f"{src}: an official source is a .pt (or .safetensors) file")
+            raise ConvertError(
+                f"{src}: a folder, where an official source is a checkpoint file ({', '.join(PT_SUFFIXES)} or "
+                ".safetensors); for a diffusers model folder, pass --source diffusers or leave --source out"
+            )
         sd = read_state_dict(src, which=weights)
         train_args = None
         if src.suffix in PT_SUFFIXES:
@@ -376,6 +435,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Carry out `dit-jax convert`; errors are raised (dit_jax.errors: one line, exit 1; 2 for bad options)."""
+    try:
+        check_options(args.image_size, args.num_heads, args.embedder_atol, args.timestep_freq_shift)
+    except ConvertError as e:
+        raise UsageError(str(e)) from e
     try:
         meta = convert(
             args.input,
@@ -390,9 +454,8 @@ def run(args: argparse.Namespace) -> int:
             embedder_atol=args.embedder_atol,
             overwrite=args.overwrite,
         )
-    except (ValueError, ImportError, OSError) as e:  # CheckpointMismatchError, CheckpointReadError, ConvertError
-        print(f"dit-jax convert: error: {e}", file=sys.stderr)
-        return 1
+    except CheckpointMismatchError as e:  # hundreds of keys: one line here, the full list with --debug
+        raise ConvertError(f"{args.input}: {e.summary()} (--debug lists every key)") from e
     name = meta["variant"] or "custom DiT"
     print(
         f"converted {meta['source']} {name} ({meta['num_params']:,} params, {meta['image_size']} px, "

@@ -67,7 +67,26 @@ class CheckpointMismatchError(ValueError):
         if self.mismatched:
             lines.append(f"mis-shaped keys ({len(self.mismatched)}), expected vs got:")
             lines += [f"  {k}: expected {tuple(e)}, got {tuple(g)}" for k, e, g in self.mismatched]
+        self.headline = lines[0]
         super().__init__("\n".join(lines))
+
+    def summary(self, max_keys: int = 3) -> str:
+        """The report in one line (for a command's error message): the counts, the hint, and the first
+        `max_keys` keys of each kind; the full list is str(self)."""
+
+        def some(keys: list[str]) -> str:
+            more = f", ... ({len(keys) - max_keys} more)" if len(keys) > max_keys else ""
+            return ", ".join(keys[:max_keys]) + more
+
+        parts = [self.headline]
+        if self.missing:
+            parts.append(f"missing e.g. {some(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected e.g. {some(self.unexpected)}")
+        if self.mismatched:
+            parts.append("mis-shaped e.g. " + some([f"{k} {tuple(g)} (expected {tuple(e)})"
+                                                    for k, e, g in self.mismatched]))
+        return "; ".join(parts) + (f". Hint: {self.hint}" if self.hint else "")
 
 
 class CheckpointReadError(ValueError):
@@ -393,6 +412,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return sha256_of(path)
 
 
+def check_file(path: str | os.PathLike, what: str) -> None:
+    """CheckpointReadError unless `path` is an existing file (not a folder); `what` names what it should be."""
+    if os.path.isdir(path):
+        raise CheckpointReadError(f"{os.fspath(path)}: a folder, where {what} is expected: name the file")
+    if not os.path.isfile(path):
+        raise CheckpointReadError(f"{os.fspath(path)}: no such file (expected {what}): check the path")
+
+
 # safetensors dtype codes (https://github.com/huggingface/safetensors, "Format") -> numpy dtypes.
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -417,6 +444,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     or corrupt file gives a CheckpointReadError naming it.
     """
     path = os.fspath(path)
+    check_file(path, "a safetensors file")
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -425,8 +453,12 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 raise CheckpointReadError(f"{path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", raw)
             if n > min(size - 8, 100 << 20):
-                raise CheckpointReadError(f"{path}: corrupt or truncated safetensors file (header length {n})")
+                raise CheckpointReadError(
+                    f"{path}: corrupt or truncated safetensors file (header length {n}): download or export it again"
+                )
             header = json.loads(f.read(n))
+    except PermissionError:
+        raise  # the file is fine, its permissions are not: the OSError names it
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         if isinstance(e, FileNotFoundError):
             raise CheckpointReadError(f"{path}: no such file") from e
@@ -449,7 +481,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if end - begin != nbytes or begin < 0 or end > data_len:
             raise CheckpointReadError(
                 f"{path}: corrupt or truncated safetensors file (tensor {name!r} needs bytes {begin}..{end} of "
-                f"{data_len})"
+                f"{data_len}): download or export it again"
             )
         if nbytes == 0:
             out[name] = np.zeros(shape, dtype)
@@ -472,6 +504,25 @@ def resolve_model_folder(path: str | os.PathLike, subfolder: str, what: str) -> 
     if (p / subfolder / CONFIG_NAME).is_file():
         return p / subfolder
     raise CheckpointReadError(f"{p}: not a diffusers {what} folder (no {CONFIG_NAME}, nor {subfolder}/{CONFIG_NAME})")
+
+
+def read_config_json(file: Any) -> dict[str, Any]:
+    """A diffusers model's config.json as a dict; CheckpointReadError naming the file when it cannot be read or
+    is not a JSON object (a PermissionError stays itself: the OSError names the file)."""
+    try:
+        with open(file, "rb") as f:
+            config = json.loads(f.read())
+    except PermissionError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        what = "not valid JSON" if isinstance(e, (UnicodeDecodeError, json.JSONDecodeError)) else "unreadable"
+        raise CheckpointReadError(
+            f"{file}: cannot read the diffusers config: {what} ({e}); it should be the model's config.json as "
+            "save_pretrained writes it: download or save it again") from e
+    if not isinstance(config, dict):
+        raise CheckpointReadError(f"{file}: the diffusers config is a JSON {type(config).__name__}, not an object "
+                                  "of settings: download or save it again")
+    return config
 
 
 def read_safetensors_files(files: Iterable[Any]) -> dict[str, np.ndarray]:

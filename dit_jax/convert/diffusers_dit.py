@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.convert.common import (
+    read_config_json,
     read_safetensors_files,
     CONFIG_NAME,
     resolve_model_folder,
@@ -307,10 +308,7 @@ def resolve_diffusers_folder(path: str | os.PathLike) -> Path:
 def read_diffusers_config(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     file = p if p.is_file() else resolve_diffusers_folder(p) / CONFIG_NAME
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointReadError(f"{file}: cannot read the diffusers config ({e})") from e
+    return read_config_json(file)
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.convert.common import (
+    read_config_json,
     read_safetensors_files,
     CONFIG_NAME,
     resolve_model_folder,
@@ -226,10 +227,7 @@ def resolve_vae_folder(path: str | os.PathLike) -> Path:
 def read_diffusers_vae_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(config, state_dict as numpy) of a diffusers AutoencoderKL folder, with numpy only (no torch)."""
     folder = resolve_vae_folder(path)
-    try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointReadError(f"{folder / CONFIG_NAME}: cannot read the diffusers config ({e})") from e
+    config = read_config_json(folder / CONFIG_NAME)
     if (folder / WEIGHTS_NAME).is_file():
         files = [folder / WEIGHTS_NAME]
     elif (folder / WEIGHTS_INDEX_NAME).is_file():

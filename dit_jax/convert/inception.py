@@ -27,6 +27,7 @@ for <layer> in Conv2d_1a_3x3 ... Conv2d_4a_3x3 and Mixed_5b.branch1x1 ... Mixed_
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,7 +77,9 @@ def _hint(sd: Mapping[str, Any]) -> str:
             "this looks like torchvision's ImageNet Inception-v3 (AuxLogits, a 1000-class fc): FID needs the TF "
             f"2015-12-05 graph's weights instead; {WEIGHTS_HINT}"
         )
-    if any(k.startswith("blocks.") for k in keys):
+    if any(k.startswith(("x_embedder.", "t_embedder.", "pos_embed.proj.", "transformer_blocks.")) for k in keys):
+        return f"this looks like a DiT checkpoint, not the Inception network's weights; {WEIGHTS_HINT}"
+    if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in keys):
         return "this looks like pytorch-fid's InceptionV3 wrapper (blocks.*): pass the underlying FID weight file"
     return WEIGHTS_HINT
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dit_jax.convert.common import CheckpointReadError, read_safetensors, to_numpy, unwrap_checkpoint
+from dit_jax.convert.common import CheckpointReadError, check_file, read_safetensors, to_numpy, unwrap_checkpoint
 
 TORCH_HINT = (
     "reading .pt needs torch (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu); "
@@ -28,11 +28,15 @@ TORCH_HINT = (
 PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
+class MissingDependencyError(ImportError):
+    """An optional dependency is not installed; the message says what needs it and how to install it."""
+
+
 def _import_torch():
     try:
         import torch
     except ImportError as e:  # also raised when sys.modules["torch"] is None
-        raise ImportError(TORCH_HINT) from e
+        raise MissingDependencyError(TORCH_HINT) from e
     return torch
 
 
@@ -43,8 +47,7 @@ def read_pt(path: str | os.PathLike) -> Any:
     truncated or corrupt, or holds pickled objects outside the weights-only allowlist.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointReadError(f"{path}: no such file")
+    check_file(path, "a PyTorch checkpoint")
     torch = _import_torch()
     # mmap needs the zip format (torch >= 1.6 default); a truncated zip has no central directory and fails
     # is_zipfile, so it takes the plain path and gets torch's own error, wrapped below.
@@ -65,16 +68,24 @@ def read_pt(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as e:
         detail = str(e).strip().splitlines()
         unsupported = [line.strip() for line in detail if "GLOBAL" in line or "Unsupported" in line]
+        if not any("GLOBAL" in line for line in unsupported):  # an opcode no pickle has there: not a pickle
+            raise CheckpointReadError(
+                f"{path}: cannot read this PyTorch checkpoint: it looks truncated or corrupt, or is no torch.save "
+                f"file ({'; '.join(unsupported) or 'not a pickle'}); download or save it again"
+            ) from e
         raise CheckpointReadError(
             f"{path}: refusing to unpickle objects outside the weights-only allowlist "
             f"({'; '.join(unsupported) or detail[-1] if detail else 'unknown object'}). Only tensors, containers "
             "and argparse.Namespace are accepted; if you trust the file, re-save its state_dict in a trusted "
             "environment (or as .safetensors)"
         ) from e
+    except PermissionError:
+        raise  # the file is fine, its permissions are not: the OSError names it
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
         raise CheckpointReadError(
-            f"{path}: cannot read this PyTorch checkpoint: it looks truncated or corrupt "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})"
+            f"{path}: cannot read this PyTorch checkpoint: it looks truncated or corrupt, or is no torch.save file "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); download "
+            "or save it again"
         ) from e
 
 

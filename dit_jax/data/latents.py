@@ -36,11 +36,13 @@ latent encodes.
 
 from __future__ import annotations
 
+import errno
 import glob as _glob
 import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,19 @@ def _as_record_tuple(rec: Any) -> tuple:
     )
 
 
+_STRERRORS = {os.strerror(code): code for code in sorted(errno.errorcode, reverse=True)}
+
+
+def _writer_os_error(e: RuntimeError, path: Path) -> OSError | None:
+    """The OSError behind an ArrayRecordWriter RuntimeError ("write() failed: No space left on device; ..."),
+    naming `path`, so that a full disk or a permission problem reads as one; None for any other RuntimeError."""
+    m = re.search(r"\w+\(\) failed: ([^;]+);", str(e))
+    if m is None:
+        return None
+    code = _STRERRORS.get(m.group(1).strip(), errno.EIO)
+    return OSError(code, os.strerror(code), str(path))
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -159,7 +174,12 @@ def write_latents(
         raise ValueError(f"latents are stored as float32 or float16, not {dtype}")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count, shape, flip, image_shape = 0, None, None, None
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    try:
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    except RuntimeError as e:
+        if (os_error := _writer_os_error(e, path)) is None:
+            raise
+        raise os_error from e
     try:
         for rec in records:
             mean, logvar, label, mean_flip, logvar_flip, image = _as_record_tuple(rec)
@@ -180,12 +200,14 @@ def write_latents(
         if count == 0:
             raise ValueError(f"write_latents({str(path)!r}): no records")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             writer.close()
         except Exception:  # noqa: BLE001
             pass
         tmp.unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and (os_error := _writer_os_error(e, path)) is not None:
+            raise os_error from e
         raise
     full = dict(meta)
     full.setdefault("scale", LATENT_SCALE)

@@ -43,10 +43,27 @@ class TfdsSource:
     """
 
     def __init__(self, name: str = "imagenet2012", split: str = "train", data_dir: str | None = None):
-        import tensorflow_datasets as tfds  # slow import: only when this source is used
+        try:
+            import tensorflow_datasets as tfds  # slow import: only when this source is used
+        except ImportError as e:
+            from dit_jax.convert.pt_reader import MissingDependencyError
+
+            raise MissingDependencyError(
+                f"a TFDS source needs tensorflow_datasets ({e}): pip install tensorflow-datasets") from e
 
         self.name, self.split, self.data_dir = name, split, data_dir
-        self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+        where = data_dir or "the TFDS default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+        try:
+            # download=False: a reader never downloads nor prepares (a write into data_dir): that is `tfds build`'s
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except tfds.core.registered.DatasetNotFoundError as e:
+            raise ValueError(f"TFDS has no dataset named {name!r}: check the name (e.g. imagenet2012)") from e
+        except Exception as e:  # noqa: BLE001: TFDS says "not prepared" in many ways (AssertionError, ...)
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ValueError(
+                f"TFDS {name} split {split!r} cannot be read from {where} ({type(e).__name__}: {first[:300]}): check "
+                f"the split and the data_dir, or prepare the dataset once with `tfds build {name} --file_format "
+                "array_record` (see the README)") from e
         self._len = len(self._source)
         if self._len == 0:
             raise ValueError(f"TFDS {name}/{split} (data_dir={data_dir}) has no records")
@@ -72,8 +89,10 @@ class TfdsSource:
 
 def _scan_image_folder(root: Path) -> tuple[list[str], list[str], np.ndarray]:
     """(class names, file paths, labels) for root/<class>/**/<image>, everything sorted."""
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"image folder {str(root)!r} is a file, not a folder (expected root/<class>/<image>)")
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist: check the path")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise ValueError(f"image folder {str(root)!r} has no class sub-folders (expected root/<class>/<image>)")

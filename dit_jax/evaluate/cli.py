@@ -51,11 +51,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _error(e: BaseException | str) -> int:
-    print(f"dit-jax evaluate: error: {e}", file=sys.stderr)
-    return 1
-
-
 def resolve_weights(path: str | None) -> Path:
     """--inception-weights, else $DIT_JAX_INCEPTION_WEIGHTS; FileNotFoundError saying where to get the file."""
     from dit_jax.convert.inception import WEIGHTS_ENV, WEIGHTS_HINT
@@ -64,10 +59,22 @@ def resolve_weights(path: str | None) -> Path:
     if not given:
         raise FileNotFoundError(f"no Inception weights given: {WEIGHTS_HINT}")
     p = Path(given).expanduser()
+    source = "--inception-weights" if path else f"${WEIGHTS_ENV}"
+    if p.is_dir():
+        raise IsADirectoryError(f"{p} ({source}): a folder, where the weight file is expected; {WEIGHTS_HINT}")
     if not p.is_file():
-        source = "--inception-weights" if path else f"${WEIGHTS_ENV}"
         raise FileNotFoundError(f"{p} ({source}): no such file; {WEIGHTS_HINT}")
     return p
+
+
+def check_json_path(path: str) -> None:
+    """Before the long passes over the images: --json must name a file in a folder that can be written."""
+    from dit_jax.weights.transfer import check_writable_folder
+
+    out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(f"--json {out}: a folder, where the metrics file is expected: name the file")
+    check_writable_folder(out.absolute().parent)
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
@@ -78,11 +85,15 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Carry out `dit-jax evaluate`; errors are raised (dit_jax.errors: one line, exit 1; 2 for bad options)."""
+    from dit_jax.errors import UsageError
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: expected a positive number of images")
     try:
         distributed.from_args(args)  # before any other JAX call
-    except distributed.DistributedError as e:
-        print(f"dit-jax evaluate: error: {e}", file=sys.stderr)
-        return 2
+    except distributed.DistributedError as e:  # what was typed: a usage error
+        raise UsageError(str(e)) from e
     import jax
 
     if jax.process_count() > 1:
@@ -95,39 +106,43 @@ def run(args: argparse.Namespace) -> int:
     if jax.process_index() != 0:
         print(f"{distributed.process_tag()}process 0 finished ({'exit status 0' if ok else 'with an error'})",
               file=sys.stderr, flush=True)
-        return 0 if ok else 1
+        if not ok:
+            raise distributed.DistributedError(f"{distributed.process_tag()}process 0 failed: see its error")
+        return 0
     return status
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from dit_jax.convert.common import CheckpointMismatchError, CheckpointReadError
     from dit_jax.evaluate import npz
     from dit_jax.evaluate.evaluator import Evaluator, evaluate_npz, iter_metric_lines
     from dit_jax.evaluate.precision_recall import ManifoldEstimator
 
     t0 = time.perf_counter()
+    # Everything that can be checked cheaply is checked before the long passes over the images.
+    shapes = {role: npz.read_images_header(path) for role, path in (("samples", args.samples),
+                                                                   ("reference", args.reference))}
+    for role, path in (("samples", args.samples), ("reference", args.reference)):
+        npz.read_reference_statistics(path)  # well-formed when present
+        if shapes[role][0] <= 3:
+            raise ValueError(f"{path}: {shapes[role][0]} images; precision and recall (k = 3) need at least 4")
+    weights = resolve_weights(args.inception_weights)
+    if args.json:
+        check_json_path(args.json)
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    say(f"loading Inception weights from {weights}")
+    # no batch bigger than the larger file: a few hundred samples are not padded to --batch-size images
+    batch_size = min(args.batch_size, max(shapes["samples"][0], shapes["reference"][0]))
     try:
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
-        # Everything that can be checked cheaply is checked before the long passes over the images.
-        shapes = {role: npz.read_images_header(path) for role, path in (("samples", args.samples),
-                                                                       ("reference", args.reference))}
-        for role, path in (("samples", args.samples), ("reference", args.reference)):
-            npz.read_reference_statistics(path)  # well-formed when present
-            if shapes[role][0] <= 3:
-                raise ValueError(f"{path}: {shapes[role][0]} images; precision and recall (k = 3) need at least 4")
-        weights = resolve_weights(args.inception_weights)
-
-        def say(msg: str) -> None:
-            print(msg, file=sys.stderr, flush=True)
-
-        say(f"loading Inception weights from {weights}")
-        # no batch bigger than the larger file: a few hundred samples are not padded to --batch-size images
-        batch_size = min(args.batch_size, max(shapes["samples"][0], shapes["reference"][0]))
         evaluator = Evaluator.from_file(str(weights), batch_size=batch_size, progress=args.progress,
                                         estimator=ManifoldEstimator(distance_dtype=args.pr_distance_dtype))
-        metrics = evaluate_npz(args.samples, args.reference, evaluator, log=say)
-    except (ValueError, OSError, ImportError) as e:  # NpzFormatError, CheckpointReadError/MismatchError: ValueError
-        return _error(e)
+    except CheckpointMismatchError as e:  # hundreds of keys: one line here, the full list with --debug
+        raise CheckpointReadError(f"{weights}: not the FID Inception weights: {e.summary()} (--debug lists every "
+                                  "key)") from e
+    metrics = evaluate_npz(args.samples, args.reference, evaluator, log=say)
     for line in iter_metric_lines(metrics):
         print(line, flush=True)
     if args.json:

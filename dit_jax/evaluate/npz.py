@@ -52,18 +52,30 @@ def _read_exact(f: IO[bytes], size: int, path: Path) -> bytes:
     return b"".join(chunks)
 
 
+def _check_file(p: Path) -> None:
+    """NpzFormatError unless `p` is an existing file (not a folder)."""
+    if p.is_dir():
+        raise NpzFormatError(f"{p}: a folder, where an .npz file is expected: name the file")
+    if not p.is_file():
+        raise NpzFormatError(f"{p}: no such file: check the path")
+
+
 @contextlib.contextmanager
 def _open_member(path: str | os.PathLike, name: str) -> Iterator[IO[bytes]]:
     p = Path(path)
-    if not p.is_file():
-        raise NpzFormatError(f"{p}: no such file")
+    _check_file(p)
     try:
         zf = zipfile.ZipFile(p, "r")
+    except PermissionError:
+        raise  # the file is fine, its permissions are not: the OSError names it
     except (zipfile.BadZipFile, OSError) as e:
-        raise NpzFormatError(f"{p}: not an .npz file ({e})") from e
+        raise NpzFormatError(f"{p}: not an .npz file, or a truncated one ({e}); expected what np.savez writes") from e
     with zf:
         if f"{name}.npy" not in zf.namelist():
-            raise NpzFormatError(f"{p}: missing {name} in npz file (it holds {sorted(zf.namelist())})")
+            raise NpzFormatError(
+                f"{p}: missing {name} in npz file (it holds {sorted(zf.namelist())}); the images must be saved as "
+                f"np.savez(path, images), which names them {name}"
+            )
         with zf.open(f"{name}.npy", "r") as f:
             yield f
 
@@ -164,8 +176,7 @@ def read_reference_statistics(path: str | os.PathLike) -> tuple[FIDStatistics, F
     """(pool stats, spatial stats) stored in the .npz (mu, sigma, mu_s, sigma_s), or None when it has no "mu"
     (ADM Evaluator.read_statistics then computes them from the activations of arr_0)."""
     p = Path(path)
-    if not p.is_file():
-        raise NpzFormatError(f"{p}: no such file")
+    _check_file(p)
     try:
         with np.load(p, allow_pickle=False) as z:
             keys = set(z.files)

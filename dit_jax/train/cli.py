@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
 
 from dit_jax import distributed
 
@@ -30,17 +33,70 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, accepts_overrides=True)
 
 
+# what the trainer writes in a workdir: name -> is a folder
+WORKDIR_LAYOUT = {"checkpoints": True, "tb": True, "samples": True, "metrics.jsonl": False, "loss.png": False}
+
+
+def check_workdir(workdir: str, flag: str = "--workdir", *, create: bool = True) -> None:
+    """Create a local output folder now (create=False: only look), so that a path that cannot hold one (an
+    existing file, an unwritable or read-only place) is a UsageError naming `flag` before any work; gs://... is
+    left to the trainer."""
+    from dit_jax.errors import UsageError, os_error_message
+
+    if "://" in workdir:
+        return
+    path = Path(workdir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {workdir} is a file, not a folder: choose another path (or move the file)")
+    for name, folder in WORKDIR_LAYOUT.items():  # what a rerun would otherwise trip on, minutes in
+        inside = path / name
+        if inside.exists() and inside.is_dir() != folder:
+            kind, want = ("a file", "folder") if folder else ("a folder", "file")
+            raise UsageError(f"{flag} {workdir}: {inside} is {kind}, where the trainer writes its {name} {want}: "
+                             f"move it, or choose another workdir")
+    if not create:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {workdir}: cannot create the folder: {os_error_message(e)}") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {workdir}: the folder is not writable: check the permissions, or choose another "
+                         f"location")
+
+
+def load_run_config(spec: str, overrides: list[str], workdir: str,
+                    check: Callable[[Any], None] | None = None) -> Any:
+    """load_config + what a starting run checks (the job's devices, `check(config)` if given, then the workdir,
+    which is created); any problem with what was typed is a UsageError (exit status 2). Call after
+    `distributed.from_args` (it counts the job's devices)."""
+    import jax
+
+    from dit_jax.errors import UsageError
+    from dit_jax.train.config_check import check_run
+    from dit_jax.train.config_io import ConfigError, load_config
+
+    try:
+        config = load_config(spec, overrides)
+        check_run(config, jax.device_count())
+    except ConfigError as e:  # what was typed: a usage error
+        raise UsageError(str(e)) from e
+    if check is not None:
+        check(config)
+    check_workdir(workdir, create=jax.process_index() == 0)  # process 0 writes the run
+    return config
+
+
 def run(args: argparse.Namespace) -> int:
     from dit_jax.errors import UsageError
-    from dit_jax.train.config_io import ConfigError, load_config
     from dit_jax.train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         distributed.from_args(args)  # before any other JAX call
-        config = load_config(args.config, args.overrides)
-    except (distributed.DistributedError, ConfigError) as e:  # what was typed: a usage error
+    except distributed.DistributedError as e:  # what was typed: a usage error
         raise UsageError(str(e)) from e
+    config = load_run_config(args.config, args.overrides, args.workdir)
     summary = train(config, args.workdir)
     print(f"{summary['status']} at step {summary['step']}; outputs in {summary['workdir']}")
     return 0

@@ -23,6 +23,7 @@ import ast
 import difflib
 import hashlib
 import importlib.util
+import inspect
 import math
 import re
 import sys
@@ -41,6 +42,7 @@ __all__ = [
     "flat_keys",
     "load_config",
     "parse_config_spec",
+    "parse_value",
     "split_config_argv",
     "validate_config",
     "DATA_SOURCES",
@@ -222,29 +224,55 @@ def parse_config_spec(spec: str) -> tuple[str, str | None]:
     """"configs/x.py:variant=XL/2" -> ("configs/x.py", "variant=XL/2"); "configs/x.py" -> ("configs/x.py", None)."""
     match = re.fullmatch(r"(.+?\.py)(?::(.*))?", spec.strip())
     if not match:
-        raise ConfigError(f"config spec {spec!r} is not of the form path/to/config.py[:arg]")
+        raise ConfigError(f"config spec {spec!r} is not of the form path/to/config.py[:arg]: a config is a Python file "
+                          f"with get_config(), e.g. configs/digits.py or configs/dit_imagenet.py:variant=B/4")
     return match.group(1), match.group(2)
 
 
-def _resolve_config_path(path: str) -> Path:
+def _search_roots() -> list[Path]:
+    """Where a relative config path is looked for: the working directory, the checkout, an installed `configs`."""
+    roots = [Path.cwd(), REPO_ROOT]
+    try:  # an installed `configs` package (setup.py ships configs/*.py)
+        spec = importlib.util.find_spec("configs")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        roots += [Path(loc).parent for loc in spec.submodule_search_locations]
+    return roots
+
+
+def _candidates(path: str) -> list[Path]:
     candidate = Path(path).expanduser()
     if candidate.is_absolute():
-        tried = [candidate]
-    else:
-        roots = [Path.cwd(), REPO_ROOT]
-        try:  # an installed `configs` package (setup.py ships configs/*.py)
-            spec = importlib.util.find_spec("configs")
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None and spec.submodule_search_locations:
-            roots += [Path(loc).parent for loc in spec.submodule_search_locations]
-        tried = []
-        for root in roots:
-            if root / candidate not in tried:
-                tried.append(root / candidate)
+        return [candidate]
+    tried: list[Path] = []
+    for root in _search_roots():
+        if root / candidate not in tried:
+            tried.append(root / candidate)
+    return tried
+
+
+def _config_files_in(folder: Path) -> str:
+    names = sorted(p.name for p in folder.glob("*.py") if p.stem not in ("__init__", "common", "sweeps"))
+    return ", ".join(str(Path(folder.name) / n) for n in names[:6]) or "none"
+
+
+def _spec_error(spec: str, error: ConfigError) -> ConfigError:
+    """A spec that names no .py file: say so more precisely when it is a folder."""
+    for p in _candidates(spec.split(":", 1)[0]):
+        if p.is_dir():
+            return ConfigError(f"config {spec!r} is a folder; name a config file in it ({_config_files_in(p)})")
+    return error
+
+
+def _resolve_config_path(path: str) -> Path:
+    tried = _candidates(path)
     for p in tried:
         if p.is_file():
             return p.resolve()
+    for p in tried:
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a folder, not a Python file with get_config()")
     raise ConfigError(f"config file {path!r} not found; tried: {', '.join(str(p) for p in tried)}")
 
 
@@ -259,10 +287,49 @@ def _import_config_module(path: Path):
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot import config file {path}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path} is not valid Python ({e.msg}, line {e.lineno}); a config file "
+                          f"defines get_config(arg=None) returning an ml_collections.ConfigDict") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not a text (Python) file: {e.reason}") from e
+    except ImportError as e:
+        raise ConfigError(f"config file {path} cannot be imported: {e}") from e
     if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config file {path} has no get_config(arg=None) function")
     return module
+
+
+def _call_get_config(module: Any, path: str, arg: str | None) -> ConfigDict:
+    """module.get_config(arg) (no argument when `arg` is None); its ValueErrors become ConfigErrors naming the spec."""
+    spec = path if arg is None else f"{path}:{arg}"
+    if arg is not None:
+        try:
+            inspect.signature(module.get_config).bind(arg)
+        except TypeError:
+            raise ConfigError(f"config {path} takes no argument (its get_config() has no parameter): "
+                              f"drop ':{arg}'") from None
+        except ValueError:  # no signature (a builtin): just call it
+            pass
+    try:
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except ValueError as e:  # ConfigError included: a bad config argument
+        raise ConfigError(f"config {spec}: {e}") from e
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"{path}: get_config returned {type(config).__name__}, expected an ml_collections.ConfigDict")
+    return config
+
+
+def _leaf_values(config: ConfigDict) -> dict[str, Any]:
+    """{dotted key: value} of every leaf field."""
+    out = {}
+    for key in flat_keys(config):
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
 
 
 def load_config(spec: str, overrides: Sequence[str] = (), *, validate: bool = True) -> ConfigDict:
@@ -272,21 +339,26 @@ def load_config(spec: str, overrides: Sequence[str] = (), *, validate: bool = Tr
     anywhere), with an optional ":arg" passed to `get_config(arg)` (no ":" calls `get_config()`).
     overrides: "--config.optim.lr=3e-4", "config.optim.lr=3e-4" or "optim.lr=3e-4"; a bool field alone
     ("--config.runlocal") means True. Each value is parsed to the type of the field it replaces; unknown keys
-    and unparsable values raise ConfigError naming the key.
+    and unparsable values raise ConfigError naming the key. A key the overrides change that does not apply to
+    the config (flow.* when objective=diffusion, ...) is an error too (config_check.validate_config).
     """
-    path, arg = parse_config_spec(spec)
+    try:
+        path, arg = parse_config_spec(spec)
+    except ConfigError as e:
+        raise _spec_error(spec, e) from None
     module = _import_config_module(_resolve_config_path(path))
-    config = module.get_config(arg) if arg is not None else module.get_config()
-    if not isinstance(config, ConfigDict):
-        raise ConfigError(f"{path}: get_config returned {type(config).__name__}, expected an ml_collections.ConfigDict")
+    config = _call_get_config(module, path, arg)
     config.lock()
+    before = _leaf_values(config)
     apply_overrides(config, overrides)
     if config.get("runlocal", False):
         # runlocal requested on the command line shrinks after the overrides; explicit overrides still win.
         apply_runlocal(config)
         apply_overrides(config, [o for o in overrides if _override_key(o) != "runlocal"])
     if validate:
-        validate_config(config)
+        after = _leaf_values(config)
+        changed = {k for k in map(_override_key, overrides) if k in before and after[k] != before[k]}
+        validate_config(config, changed=changed)
     return config
 
 
@@ -356,14 +428,23 @@ def _type_name(kind: type) -> str:
     return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}.get(kind, kind.__name__)
 
 
-def _parse_value(key: str, raw: str | None, kind: type, current: Any) -> Any:
+def parse_value(key: str, raw: str | None, kind: type, *, what: str = "config key") -> Any:
+    """Text typed by a user -> a value of `kind` (bool, int, float, str, tuple, list), strictly.
+
+    The one parser of config overrides (`--config.KEY=VALUE`) and config arguments (configs/common.parse_arg):
+    bools are true/false (also yes/no, on/off, 1/0, t/f, y/n; any case) and nothing else; ints are whole numbers
+    ("400000", "4e5", "1_024"); floats are finite numbers; strings are taken as typed (one pair of surrounding
+    quotes is removed). raw None (a flag with no "=VALUE") means True for a bool. Anything else raises ConfigError
+    naming `what` and `key`, the expected type and the text.
+    """
     def bad(extra: str = "") -> ConfigError:
-        return ConfigError(f"config key {key!r} expects {_type_name(kind)}, got {raw!r}{extra}")
+        return ConfigError(f"{what} {key!r} expects {_type_name(kind)}, got {raw!r}{extra}")
 
     if raw is None:  # "--config.flag" with no value
         if kind is bool:
             return True
-        raise ConfigError(f"config key {key!r} needs a value: --config.{key}=VALUE")
+        raise ConfigError(f"{what} {key!r} needs a value: --config.{key}=VALUE" if what == "config key"
+                          else f"{what} {key!r} needs a value: {key}=VALUE")
     text = raw.strip()
     if kind is type(None):  # an untyped None field: the Python literal, or the text
         try:
@@ -391,9 +472,12 @@ def _parse_value(key: str, raw: str | None, kind: type, current: Any) -> Any:
             raise bad() from None
     if kind is float:
         try:
-            return float(text)
+            number = float(text)
         except ValueError:
             raise bad() from None
+        if not math.isfinite(number):
+            raise bad(" (a finite number)")
+        return number
     if kind is str:
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
             return text[1:-1]
@@ -406,7 +490,7 @@ def _parse_value(key: str, raw: str | None, kind: type, current: Any) -> Any:
         if not isinstance(value, (tuple, list)):
             value = (value,)
         return kind(value)
-    raise ConfigError(f"config key {key!r} has type {kind.__name__}, which overrides cannot set")
+    raise ConfigError(f"{what} {key!r} has type {kind.__name__}, which cannot be set from text")
 
 
 def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
@@ -426,7 +510,7 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
             raise _unknown_key(config, key)
         if isinstance(node[name], ConfigDict):
             raise ConfigError(f"config key {key!r} is a section; override its fields ({key}.FIELD=VALUE)")
-        value = _parse_value(key, raw, node.get_type(name), node[name])
+        value = parse_value(key, raw, node.get_type(name))
         try:
             node[name] = value
         except TypeError as e:
@@ -477,123 +561,11 @@ def config_from_dict(d: dict, *, fill_defaults: bool = False) -> ConfigDict:
 
 
 # ==========================================================================================================
-# Validation
+# Validation (dit_jax/train/config_check.py)
 # ==========================================================================================================
-def validate_config(config: ConfigDict) -> None:
-    """Raise ConfigError listing every impossible setting (global_batch divisibility by the device count is
-    checked by the trainer, which knows the devices)."""
-    from dit_jax.models.dit import BLOCK_TYPES, REMAT_POLICIES, decode_variant  # imports jax: keep it lazy
-    from dit_jax.models.layers import ATTENTION_IMPLS
+def validate_config(config: ConfigDict, *, changed: Iterable[str] = ()) -> None:
+    """Raise ConfigError listing every impossible setting; `changed`: the keys the command line changed, each of
+    which must apply to the config (see dit_jax.train.config_check.validate_config)."""
+    from dit_jax.train.config_check import validate_config as check
 
-    errors: list[str] = []
-
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            errors.append(message)
-
-    def one_of(key: str, value: Any, allowed: Sequence[Any]) -> None:
-        check(value in allowed, f"{key}={value!r} is not one of {tuple(allowed)}")
-
-    m, d, data, o, t = config.model, config.diffusion, config.data, config.optim, config.train
-
-    # --- model
-    arch: dict[str, int] = {}
-    try:
-        arch = decode_variant(m.variant)
-    except ValueError as e:
-        errors.append(f"model.variant: {e}")
-    for k in ("depth", "hidden_size", "num_heads", "patch_size"):
-        check(m[k] >= 0, f"model.{k}={m[k]} must be >= 0 (0 = the variant's)")
-        if m[k] > 0:
-            arch[k] = m[k]
-    if arch:
-        check(arch["hidden_size"] % arch["num_heads"] == 0,
-              f"model hidden_size {arch['hidden_size']} is not divisible by num_heads {arch['num_heads']}")
-        check(m.input_size > 0 and m.input_size % arch["patch_size"] == 0,
-              f"model.input_size={m.input_size} is not a positive multiple of patch_size {arch['patch_size']}")
-    check(m.in_channels > 0, f"model.in_channels={m.in_channels} must be > 0")
-    check(m.num_classes > 0, f"model.num_classes={m.num_classes} must be > 0")
-    check(0.0 <= m.class_dropout_prob < 1.0, f"model.class_dropout_prob={m.class_dropout_prob} must be in [0, 1)")
-    one_of("model.block_type", m.block_type, BLOCK_TYPES)
-    one_of("model.dtype", m.dtype, MODEL_DTYPES)
-    one_of("model.attn_impl", m.attn_impl, ATTENTION_IMPLS)
-    one_of("model.remat_policy", m.remat_policy, tuple(REMAT_POLICIES))
-
-    # --- objective, DDT, flow, REPA
-    one_of("objective", config.objective, ("diffusion", "flow"))
-    one_of("model.arch", m.arch, ("dit", "ddt"))
-    if m.arch == "ddt":
-        check(config.objective == "flow", "model.arch=ddt trains with objective=flow")
-        check(0 <= m.num_encoder_blocks < max(arch.get("depth", 1), 1),
-              f"model.num_encoder_blocks={m.num_encoder_blocks} must be in [0, depth)")
-    if config.objective == "flow":
-        one_of("flow.t_dist", config.flow.t_dist, ("logit_normal", "uniform"))
-        check(m.arch == "ddt" or not m.learn_sigma, "a DiT trained with objective=flow needs model.learn_sigma=False")
-    r = config.repa
-    if r.weight:
-        check(m.arch == "ddt" and config.objective == "flow", "repa.weight > 0 needs model.arch=ddt, objective=flow")
-        check(r.layer >= 1, f"repa.layer={r.layer} must be >= 1 (a 1-based encoder block)")
-        one_of("repa.encoder", r.encoder, ("dinov2_vitb14", "random"))
-        # repa.encoder_path is checked when a run starts fresh (a resume reads the encoder from the checkpoint),
-        # and latent shards' images when the data is opened (extract-latents --store-images)
-
-    # --- diffusion
-    one_of("diffusion.noise_schedule", d.noise_schedule, NOISE_SCHEDULES)
-    check(d.diffusion_steps > 0, f"diffusion.diffusion_steps={d.diffusion_steps} must be > 0")
-    check(config.objective == "flow" or d.learn_sigma == m.learn_sigma,
-          f"diffusion.learn_sigma={d.learn_sigma} disagrees with model.learn_sigma={m.learn_sigma}")
-    check(re.fullmatch(r"|ddim\d+|\d+(,\d+)*", d.timestep_respacing) is not None,
-          f"diffusion.timestep_respacing={d.timestep_respacing!r} must be '', 'ddimN' or counts like '250' / '10,15,20'")
-
-    # --- data
-    one_of("data.source", data.source, DATA_SOURCES)
-    check(data.num_classes == m.num_classes,
-          f"data.num_classes={data.num_classes} disagrees with model.num_classes={m.num_classes}")
-    check(data.image_size > 0 and data.channels > 0, "data.image_size and data.channels must be > 0")
-    check(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0")
-    check(data.latent_scale > 0, f"data.latent_scale={data.latent_scale} must be > 0")
-    pixel = m.input_size == data.image_size and m.in_channels == data.channels
-    latent = m.input_size * VAE_DOWNSAMPLE == data.image_size and m.in_channels == VAE_CHANNELS
-    if data.source == "digits":
-        check(pixel, f"data.source='digits' trains in pixel space: model.input_size/in_channels "
-                     f"({m.input_size}, {m.in_channels}) must equal data.image_size/channels ({data.image_size}, {data.channels})")
-    elif data.source == "latents":
-        check(latent, f"data.source='latents' needs model.input_size = data.image_size // {VAE_DOWNSAMPLE} "
-                      f"({data.image_size // VAE_DOWNSAMPLE}) and model.in_channels = {VAE_CHANNELS}; "
-                      f"got ({m.input_size}, {m.in_channels})")
-    elif data.source in ("tfds", "folder"):
-        check(pixel or latent, f"model.input_size/in_channels ({m.input_size}, {m.in_channels}) fit neither pixel "
-                               f"space ({data.image_size}, {data.channels}) nor VAE latents "
-                               f"({data.image_size // VAE_DOWNSAMPLE}, {VAE_CHANNELS})")
-    # data.path / data_dir are checked when the data is opened (a runlocal smoke test may not have them).
-
-    # --- optimizer
-    check(o.lr >= 0, f"optim.lr={o.lr} must be >= 0")
-    check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
-    check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1)")
-    check(o.eps > 0, f"optim.eps={o.eps} must be > 0")
-    check(o.grad_clip_norm >= 0, f"optim.grad_clip_norm={o.grad_clip_norm} must be >= 0 (0 = off)")
-    check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
-    check(0 <= o.ema_decay <= 1, f"optim.ema_decay={o.ema_decay} must be in [0, 1]")
-
-    # --- training loop
-    check(t.global_batch > 0, f"train.global_batch={t.global_batch} must be > 0")
-    check(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
-    check(t.log_every > 0, f"train.log_every={t.log_every} must be > 0")
-    check(t.ckpt_every >= 0, f"train.ckpt_every={t.ckpt_every} must be >= 0 (0 = only at the end)")
-    check(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
-    check(t.sample_every >= 0, f"train.sample_every={t.sample_every} must be >= 0 (0 = off)")
-    if t.sample_every > 0:
-        check(0 < t.sample_steps <= d.diffusion_steps,
-              f"train.sample_steps={t.sample_steps} must be in [1, diffusion.diffusion_steps={d.diffusion_steps}]")
-        check(t.sample_per_class > 0, f"train.sample_per_class={t.sample_per_class} must be > 0")
-        check(0 < t.sample_num_classes <= m.num_classes,
-              f"train.sample_num_classes={t.sample_num_classes} must be in [1, model.num_classes={m.num_classes}]")
-
-    # --- mesh
-    check(config.mesh.data == -1 or config.mesh.data >= 1, f"mesh.data={config.mesh.data} must be -1 (all) or >= 1")
-    check(config.mesh.fsdp >= 1, f"mesh.fsdp={config.mesh.fsdp} must be >= 1")
-
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-
+    check(config, changed=changed)

@@ -28,7 +28,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
     if data == -1:
         data = n // fsdp
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} but there are {n} devices")
+        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} devices, but there are {n}: set "
+                         f"mesh.data=-1 (every device not used by fsdp)")
     return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
 
 

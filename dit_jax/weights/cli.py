@@ -9,14 +9,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import errno
 from pathlib import Path
 from typing import Any
 
+from dit_jax.errors import UsageError
 from dit_jax.weights import registry
 from dit_jax.weights.transfer import read_record
 from dit_jax.weights.pretrained import converted_dit, download
-from dit_jax.weights.registry import ALIASES, REGISTRY, Entry, resolve_name
+from dit_jax.weights.registry import ALIASES, REGISTRY, Entry, UnknownWeightsError, resolve_name
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -67,26 +68,40 @@ def list_registry(root: Path) -> str:
     return "\n".join(lines)
 
 
+def check_cache_root(root: Path) -> None:
+    """NotADirectoryError when the cache root is a file (before any network access)."""
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory (the cache root must be a folder)", str(root))
+
+
 def run(args: argparse.Namespace) -> int:
-    """Carry out `dit-jax download`; 0 on success, 1 with `dit-jax download: error: ...` on stderr otherwise."""
+    """Carry out `dit-jax download`; 0 on success. Errors are raised: dit_jax.errors prints
+    `dit-jax download: error: ...` and exits 1 (2 for a bad combination of arguments)."""
     root = registry.cache_dir(args.cache_dir)
     if args.list:
+        if args.names or args.all:
+            raise UsageError("--list takes no NAME and no --all: it lists every entry")
         print(list_registry(root))
         return 0
+    if args.all and args.names:
+        raise UsageError("pass NAMEs or --all, not both")
     names = list(REGISTRY) if args.all else list(args.names)
     if not names:
-        print("dit-jax download: error: name what to download (see --list), or pass --all", file=sys.stderr)
-        return 1
+        raise UsageError("name what to download (see --list), or pass --all")
     offline = True if args.offline else None
-    try:
-        keys = [resolve_name(n) for n in names]  # all names checked before the first download
-        for key in dict.fromkeys(keys):
-            path = download(key, cache_dir=root, offline=offline, force=args.force, progress=True)
-            print(f"{key}: {path}")
-            if REGISTRY[key].kind == "dit" and not args.no_convert:
-                out = converted_dit(key, cache_dir=root, offline=offline, reconvert=args.force)
-                print(f"{key}: converted -> {out}")
-    except (OSError, ValueError, ImportError) as e:  # WeightsError is an OSError; converter errors are ValueErrors
-        print(f"dit-jax download: error: {e}", file=sys.stderr)
-        return 1
+    if args.force and registry.is_offline(offline):
+        raise UsageError("--force downloads again, which offline mode (--offline, DIT_JAX_OFFLINE=1 or "
+                         "HF_HUB_OFFLINE=1) forbids: drop one of them")
+    for n in names:
+        if n not in REGISTRY and n not in ALIASES and Path(n).expanduser().exists():
+            raise UnknownWeightsError(f"{n} is a local path: `dit-jax download` fetches the registry's weights (see "
+                                      "--list); convert a local checkpoint with `dit-jax convert`")
+    keys = [resolve_name(n) for n in names]  # all names checked before the first download
+    check_cache_root(root)
+    for key in dict.fromkeys(keys):
+        path = download(key, cache_dir=root, offline=offline, force=args.force, progress=True)
+        print(f"{key}: {path}")
+        if REGISTRY[key].kind == "dit" and not args.no_convert:
+            out = converted_dit(key, cache_dir=root, offline=offline, reconvert=args.force)
+            print(f"{key}: converted -> {out}")
     return 0

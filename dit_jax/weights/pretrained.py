@@ -135,7 +135,7 @@ def converted_dit(
     root = registry.cache_dir(cache_dir)
     options = dict(convert_options or {})
     try:
-        key = resolve_name(name, "dit")
+        key = resolve_name(name, "dit", paths=True)
     except UnknownWeightsError:
         if not Path(name).expanduser().exists():
             raise
@@ -258,10 +258,10 @@ def pretrained_vae(
     from dit_jax.convert.diffusers_vae import load_diffusers_vae_folder
 
     try:
-        key = resolve_name(name, "vae")
+        key = resolve_name(name, "vae", paths=True)
     except UnknownWeightsError:
-        if not Path(name).expanduser().is_dir():
+        if not Path(name).expanduser().exists():
             raise
-        return load_diffusers_vae_folder(Path(name).expanduser(), dtype=dtype)
+        return load_diffusers_vae_folder(Path(name).expanduser(), dtype=dtype)  # a file: "not a VAE folder"
     folder = download(key, cache_dir=cache_dir, offline=offline, progress=progress)
     return load_diffusers_vae_folder(folder, dtype=dtype)

@@ -110,9 +110,11 @@ ALIASES = {
 }
 
 
-def resolve_name(name: str, kind: str | None = None) -> str:
+def resolve_name(name: str, kind: str | None = None, *, paths: bool = False) -> str:
     """The registry key for `name`: a key, a key without ".pt", an alias ("DiT-XL/2-256", "ema"), or
-    "stabilityai/<key>". UnknownWeightsError listing the known names otherwise (or when of another kind)."""
+    "stabilityai/<key>". UnknownWeightsError listing the known names otherwise (or when of another kind).
+    paths: the caller also accepts the path of a local file or folder (the error then says so, and calls a
+    name that looks like a path a missing path)."""
     candidates = [name, name + ".pt", ALIASES.get(name, "")]
     if name.startswith("stabilityai/"):
         candidates.append(name[len("stabilityai/"):])
@@ -122,9 +124,12 @@ def resolve_name(name: str, kind: str | None = None) -> str:
     known = sorted(k for k, e in REGISTRY.items() if kind is None or e.kind == kind)
     aliases = sorted(a for a, k in ALIASES.items() if k in known)
     what = f"{kind} weights" if kind else "weights"
+    names = f"known names are {known} (aliases {aliases})"
+    if paths and (os.sep in name or "/" in name or name.startswith((".", "~"))):
+        raise UnknownWeightsError(f"{name}: no such file or folder (nor one of the {what} names: {names}): "
+                                  "check the path")
     raise UnknownWeightsError(
-        f"unknown {what} {name!r}: known names are {known} (aliases {aliases}); or pass the path of a local file "
-        "or folder"
+        f"unknown {what} {name!r}: {names}" + ("; or pass the path of a local file or folder" if paths else "")
     )
 
 

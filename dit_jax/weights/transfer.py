@@ -9,6 +9,7 @@ later use is checked against. A hidden `.<file>.lock` (fcntl) serialises process
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import logging
@@ -106,6 +107,25 @@ def write_record(dest: Path, digest: str) -> None:
     os.replace(tmp, rec)
 
 
+_READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def check_writable_folder(folder: str | os.PathLike) -> Path:
+    """Create `folder` (and its parents) if needed and check that files can be created in it, before a command
+    spends time on work whose result it could not write. Raises the OSError (naming `folder`) that writing
+    would give: permission denied, a read-only file system, a file where a folder is expected, ..."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)  # FileExistsError / NotADirectoryError name the file in the way
+    probe = folder / f".dit-jax-write-check-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(folder)) from e
+    os.close(fd)
+    _unlink(probe)
+    return folder
+
+
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -113,14 +133,27 @@ def _unlink(path: Path) -> None:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on `path` (created if needed). No-op where fcntl is missing (Windows)."""
+    """Exclusive inter-process lock on `path` (created if needed). No-op where fcntl is missing (Windows) and
+    where the lock file cannot be created for lack of permission (a read-only cache, which only readers use)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+b")
+    except OSError as e:
+        if e.errno not in _READ_ONLY_ERRNOS:
+            raise
+        # A cache we may not write to (read-only, shared): nothing can be written, so there is nothing to
+        # serialise; a reader goes on, and a writer fails on its first write, naming the path.
+        log.debug("%s: cannot create the lock file (%s); going on without it", path, e.strerror)
+        f = None
+    if f is None:
+        yield
+        return
+    with f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -174,6 +207,9 @@ def verify_cached(dest: Path, url: str, *, size: int | None = None, sha256: str 
     its digest recorded, so later changes are caught. CorruptCacheError (naming the file and the fix) otherwise.
     """
     how_to_fix = f"delete it (rm '{dest}'){' or run `' + fix + '`' if fix else ''} to fetch it again from {url}"
+    if dest.is_dir():
+        raise CorruptCacheError(f"{dest}: a folder, where the cache keeps a downloaded file: delete it (rm -r "
+                                f"'{dest}') to fetch the file again from {url}")
     actual = dest.stat().st_size
     if size is not None and actual != size:
         raise CorruptCacheError(
@@ -184,7 +220,7 @@ def verify_cached(dest: Path, url: str, *, size: int | None = None, sha256: str 
     digest = sha256_of(dest)
     if want is None:
         log.info("%s: no sha256 record; recording %s (it is checked on every later use)", dest, digest)
-        write_record(dest, digest)
+        _try_write_record(dest, digest)
         return dest
     if digest != want:
         origin = "pinned in the registry" if sha256 else f"recorded when it was verified ({record_path(dest).name})"
@@ -193,8 +229,20 @@ def verify_cached(dest: Path, url: str, *, size: int | None = None, sha256: str 
             f"replaced; {how_to_fix}"
         )
     if recorded != digest:
-        write_record(dest, digest)
+        _try_write_record(dest, digest)
     return dest
+
+
+def _try_write_record(dest: Path, digest: str) -> None:
+    """write_record, except in a cache that cannot be written (read-only, shared): a reader must not fail there,
+    so the file is used unrecorded (and checked against the record again next time, when there is one)."""
+    try:
+        write_record(dest, digest)
+    except OSError as e:
+        if e.errno not in _READ_ONLY_ERRNOS:
+            raise
+        log.warning("%s: cannot record its sha256 in %s (%s); using the file unrecorded", dest,
+                    record_path(dest), e.strerror)
 
 
 def offline_error(missing: list[tuple[Path, str]], what: str) -> OfflineError:

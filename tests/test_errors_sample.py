@@ -1,0 +1,369 @@
+"""Bad inputs to the sampling commands (`sample`, `sample-fid`, `sample-ddt`, `ddt-schedule`), as a careless user
+types them: each gives one `dit-jax COMMAND: error: ...` line naming the problem, exit status 1 (2 for a bad option
+or a combination of options that does not apply), no traceback, and nothing written into the inputs.
+
+A flag that does not apply (to the model, or to the mode) is an error that says why, not silently ignored. Every
+check that can be made before the model is loaded is made then, so most cases never load anything: the inputs are
+small files (a text file, random bytes named .pt, an empty folder, a folder that looks like a training run); the
+cases that need a real model share one tiny digits run (pixel space, trained for 2 steps), built once, and fail
+before any sampling. Nothing is downloaded: every command runs with --offline and a fresh cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pytest
+
+from cli_errors import assert_clean_error, run_cli, unwritable_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """One folder of bad (and a few good) inputs, read by every case and written by none."""
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "text.txt").write_text("hello, I am not a checkpoint\n")
+    garbage = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    for name in ("garbage.pt", "garbage.ckpt"):
+        (d / name).write_bytes(garbage)
+    (d / "empty_dir").mkdir()
+    (d / "a_file").write_text("a file where a folder is expected\n")
+    (d / "schedule.json").write_text("{not json")
+    # what `is_training_run` recognises (a step folder holding state/), without a checkpoint inside: enough for
+    # the checks made before loading
+    (d / "looks_like_a_run" / "checkpoints" / "10" / "state").mkdir(parents=True)
+    (d / "run_without_checkpoint" / "checkpoints").mkdir(parents=True)  # a run before its first checkpoint
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A 2-step digits run of a tiny DiT (objective=diffusion, pixel space: no VAE), as tests/test_sample_cli.py."""
+    from dit_jax.train.config_io import load_config
+    from dit_jax.train.loop import train
+
+    workdir = tmp_path_factory.mktemp("run")
+    cfg = load_config(str(REPO / "configs" / "digits.py"), [
+        "train.steps=2", "train.global_batch=8", "train.ckpt_every=100", "train.log_every=1",
+        "train.sample_every=0", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+    ])
+    assert train(cfg, workdir)["step"] == 2
+    return workdir
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every entry under `folder` with its size and mtime (ns): what a reader must leave as it is."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+class Case(NamedTuple):
+    command: str
+    argv: tuple[str, ...]  # {i} = the inputs folder, {t} = this test's tmp_path, {u} = an unwritable folder
+    needles: tuple[str, ...]  # words the error line must hold ({i}, {t}, {u} as in argv)
+    status: int = 1
+
+
+def case(command: str, *argv: str, needles: tuple[str, ...], status: int = 1) -> Case:
+    return Case(command, argv, needles, status)
+
+
+# Each command's arguments that are fine, so that each case's one bad input is what fails.
+SAMPLE = ("--ckpt", "{i}/garbage.pt", "--out", "{t}/grid.png", "--steps", "2", "--no-progress", "--offline",
+          "--cache-dir", "{t}/cache")
+FID = ("--ckpt", "{i}/garbage.pt", "--sample-dir", "{t}/samples", "--num-samples", "4", "--steps", "2",
+       "--no-progress", "--offline", "--cache-dir", "{t}/cache")
+DDT = ("--ckpt", "{i}/garbage.ckpt", "--variant", "DDT-S/2", "--out", "{t}/grid.png", "--steps", "2", "--no-progress",
+       "--offline", "--cache-dir", "{t}/cache")
+SCHEDULE = ("--random-init", "--variant", "DDT-S/2", "--res", "64", "--num-steps", "4", "--refresh-rate", "2",
+            "--batch", "1", "--out", "{t}/schedule.json")
+
+
+def without(args: tuple[str, ...], *flags: str) -> tuple[str, ...]:
+    """args less each of `flags` and its value."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = a not in ("--random-init", "--no-progress", "--offline")
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+CASES: dict[str, Case] = {
+    # ---------------------------------------------------------------- sample: the checkpoint
+    "sample-missing-ckpt": case("sample", *without(SAMPLE, "--ckpt"), "--ckpt", "{i}/absent.pt",
+                                needles=("--ckpt", "absent.pt", "no such file or folder")),
+    "sample-text-ckpt": case("sample", *without(SAMPLE, "--ckpt"), "--ckpt", "{i}/text.txt",
+                             needles=("text.txt", "not a checkpoint file", "'.txt'")),
+    "sample-garbage-pt": case("sample", *SAMPLE, needles=("garbage.pt",)),
+    "sample-folder-ckpt": case("sample", *without(SAMPLE, "--ckpt"), "--ckpt", "{i}/empty_dir",
+                               needles=("empty_dir", "a folder that is not", "training run")),
+    "sample-run-without-checkpoint": case("sample", *without(SAMPLE, "--ckpt"), "--ckpt",
+                                          "{i}/run_without_checkpoint",
+                                          needles=("run_without_checkpoint", "without a complete checkpoint")),
+    # ---------------------------------------------------------------- sample: outputs
+    "sample-unwritable-out": case("sample", *without(SAMPLE, "--out"), "--out", "{u}/grid.png",
+                                  needles=("--out", "{u}", "permission")),
+    "sample-out-is-a-folder": case("sample", *without(SAMPLE, "--out"), "--out", "{i}/empty_dir",
+                                   needles=("--out names a folder", "empty_dir")),
+    "sample-out-under-a-file": case("sample", *without(SAMPLE, "--out"), "--out", "{i}/a_file/grid.png",
+                                    needles=("--out", "not a folder", "a_file")),
+    "sample-unwritable-npz": case("sample", *SAMPLE, "--npz", "{u}/s.npz", needles=("--npz", "{u}", "permission")),
+    "sample-npz-is-a-folder": case("sample", *SAMPLE, "--npz", "{i}/empty_dir",
+                                   needles=("--npz names a folder", "empty_dir")),
+    "sample-npz-under-a-file": case("sample", *SAMPLE, "--npz", "{i}/a_file/s.npz",
+                                    needles=("--npz", "not a folder", "a_file")),
+    # ---------------------------------------------------------------- sample: options
+    "sample-labels-not-numbers": case("sample", *SAMPLE, "--labels", "cat,dog",
+                                      needles=("--labels", "comma-separated integers"), status=2),
+    "sample-labels-empty": case("sample", *SAMPLE, "--labels", ",", needles=("--labels is empty",), status=2),
+    "sample-zero-steps": case("sample", *without(SAMPLE, "--steps"), "--steps", "0",
+                              needles=("--steps 0", "positive"), status=2),
+    "sample-negative-steps": case("sample", *without(SAMPLE, "--steps"), "--steps", "-5",
+                                  needles=("--steps -5", "positive"), status=2),
+    "sample-too-many-steps": case("sample", *without(SAMPLE, "--steps"), "--steps", "2000",
+                                  needles=("--steps 2000", "1000 steps"), status=2),
+    "sample-ddim-steps": case("sample", *without(SAMPLE, "--steps"), "--sampler", "ddim", "--steps", "400",
+                              needles=("--steps 400", "ddim", "integer stride"), status=2),
+    "sample-negative-cfg": case("sample", *SAMPLE, "--cfg-scale", "-1", needles=("--cfg-scale -1", ">= 0"), status=2),
+    "sample-nan-cfg": case("sample", *SAMPLE, "--cfg-scale", "nan", needles=("--cfg-scale nan", "finite"), status=2),
+    "sample-zero-nrow": case("sample", *SAMPLE, "--nrow", "0", needles=("--nrow 0", "positive"), status=2),
+    "sample-eta-with-ddpm": case("sample", *SAMPLE, "--eta", "0.5",
+                                 needles=("--eta", "ddim sampler only", "--sampler ddim"), status=2),
+    "sample-eta-out-of-range": case("sample", *SAMPLE, "--sampler", "ddim", "--eta", "2",
+                                    needles=("--eta 2", "[0, 1]"), status=2),
+    "sample-cfg-channels-without-guidance": case("sample", *SAMPLE, "--cfg-scale", "1", "--cfg-channels", "3",
+                                                 needles=("--cfg-channels", "--cfg-scale 1"), status=2),
+    "sample-zero-cfg-channels": case("sample", *SAMPLE, "--cfg-channels", "0",
+                                     needles=("--cfg-channels 0", "positive"), status=2),
+    "sample-cfg-channels-not-a-number": case("sample", *SAMPLE, "--cfg-channels", "x",
+                                             needles=("--cfg-channels", "integer or 'all'"), status=2),
+    "sample-image-size-with-ckpt": case("sample", *SAMPLE, "--image-size", "512",
+                                        needles=("--image-size", "--ckpt", "drop --image-size"), status=2),
+    "sample-image-size-unsupported": case("sample", *without(SAMPLE, "--ckpt"), "--image-size", "128",
+                                          needles=("--image-size", "128"), status=2),
+    "sample-missing-vae": case("sample", *SAMPLE, "--vae", "{i}/absent_vae",
+                               needles=("--vae", "absent_vae", "no such folder")),
+    "sample-vae-is-a-file": case("sample", *SAMPLE, "--vae", "{i}/text.txt",
+                                 needles=("--vae", "text.txt", "is a file")),
+    "sample-broken-run": case("sample", *without(SAMPLE, "--ckpt"), "--ckpt", "{i}/looks_like_a_run",
+                              needles=("looks_like_a_run",)),
+    # ---------------------------------------------------------------- sample-fid
+    "fid-missing-ckpt": case("sample-fid", *without(FID, "--ckpt"), "--ckpt", "{i}/absent.pt",
+                             needles=("--ckpt", "absent.pt", "no such file or folder")),
+    "fid-text-ckpt": case("sample-fid", *without(FID, "--ckpt"), "--ckpt", "{i}/text.txt",
+                          needles=("text.txt", "not a checkpoint file")),
+    "fid-folder-ckpt": case("sample-fid", *without(FID, "--ckpt"), "--ckpt", "{i}/empty_dir",
+                            needles=("empty_dir", "a folder that is not")),
+    "fid-zero-samples": case("sample-fid", *without(FID, "--num-samples"), "--num-samples", "0",
+                             needles=("--num-samples 0", "positive"), status=2),
+    "fid-negative-samples": case("sample-fid", *without(FID, "--num-samples"), "--num-samples", "-10",
+                                 needles=("--num-samples -10", "positive"), status=2),
+    "fid-zero-batch": case("sample-fid", *FID, "--per-device-batch", "0",
+                           needles=("--per-device-batch 0", "positive"), status=2),
+    "fid-nan-cfg": case("sample-fid", *FID, "--cfg-scale", "nan", needles=("--cfg-scale nan", "finite"), status=2),
+    "fid-eta-with-ddpm": case("sample-fid", *FID, "--eta", "0.3", needles=("ddim sampler only",), status=2),
+    "fid-unwritable-sample-dir": case("sample-fid", *without(FID, "--sample-dir"), "--sample-dir", "{u}/samples",
+                                      needles=("--sample-dir", "{u}", "permission")),
+    "fid-sample-dir-is-a-file": case("sample-fid", *without(FID, "--sample-dir"), "--sample-dir", "{i}/a_file",
+                                     needles=("--sample-dir names a file", "a_file")),
+    "fid-sample-dir-under-a-file": case("sample-fid", *without(FID, "--sample-dir"), "--sample-dir",
+                                        "{i}/a_file/samples", needles=("--sample-dir", "not a folder", "a_file")),
+    # ---------------------------------------------------------------- sample-ddt: the checkpoint
+    "ddt-no-ckpt": case("sample-ddt", *without(DDT, "--ckpt"), needles=("--ckpt", "--random-init"), status=2),
+    "ddt-ckpt-and-random-init": case("sample-ddt", *DDT, "--random-init", needles=("--random-init", "--ckpt"),
+                                     status=2),
+    "ddt-which-with-random-init": case("sample-ddt", *without(DDT, "--ckpt"), "--random-init", "--which", "model",
+                                       needles=("--which", "--random-init"), status=2),
+    "ddt-missing-ckpt": case("sample-ddt", *without(DDT, "--ckpt"), "--ckpt", "{i}/absent.ckpt",
+                             needles=("--ckpt", "absent.ckpt", "no such file or folder")),
+    "ddt-text-ckpt": case("sample-ddt", *without(DDT, "--ckpt"), "--ckpt", "{i}/text.txt",
+                          needles=("text.txt", "not a checkpoint file")),
+    "ddt-garbage-ckpt": case("sample-ddt", *DDT, needles=("garbage.ckpt",)),
+    "ddt-folder-ckpt": case("sample-ddt", *without(DDT, "--ckpt"), "--ckpt", "{i}/empty_dir",
+                            needles=("empty_dir", "a folder that is not", "training run")),
+    "ddt-variant-with-a-run": case("sample-ddt", *without(DDT, "--ckpt"), "--ckpt", "{i}/looks_like_a_run",
+                                   needles=("--variant does not apply", "looks_like_a_run")),
+    "ddt-unknown-variant": case("sample-ddt", *without(DDT, "--variant"), "--variant", "DDT-Q/3",
+                                needles=("--variant DDT-Q/3", "unknown DDT variant", "DDT-S/2"), status=2),
+    # ---------------------------------------------------------------- sample-ddt: other inputs and outputs
+    "ddt-missing-schedule": case("sample-ddt", *DDT, "--schedule", "{i}/absent.json",
+                                 needles=("--schedule", "absent.json", "no such file")),
+    "ddt-schedule-is-a-folder": case("sample-ddt", *DDT, "--schedule", "{i}/empty_dir",
+                                     needles=("--schedule", "empty_dir", "is a folder")),
+    "ddt-missing-vae": case("sample-ddt", *DDT, "--vae", "{i}/absent_vae", needles=("--vae", "no such folder")),
+    "ddt-unwritable-out": case("sample-ddt", *without(DDT, "--out"), "--out", "{u}/grid.png",
+                               needles=("--out", "{u}", "permission")),
+    "ddt-out-is-a-folder": case("sample-ddt", *without(DDT, "--out"), "--out", "{i}/empty_dir",
+                                needles=("--out names a folder", "empty_dir")),
+    "ddt-out-under-a-file": case("sample-ddt", *without(DDT, "--out"), "--out", "{i}/a_file/grid.png",
+                                 needles=("--out", "not a folder", "a_file")),
+    "ddt-unwritable-sample-dir": case("sample-ddt", *without(DDT, "--out"), "--num-samples", "4", "--sample-dir",
+                                      "{u}/samples", needles=("--sample-dir", "{u}", "permission")),
+    # ---------------------------------------------------------------- sample-ddt: options
+    "ddt-zero-steps": case("sample-ddt", *without(DDT, "--steps"), "--steps", "0", needles=("--steps 0", "positive"),
+                           status=2),
+    "ddt-nan-cfg": case("sample-ddt", *DDT, "--cfg-scale", "nan", needles=("--cfg-scale nan", "finite"), status=2),
+    "ddt-empty-interval": case("sample-ddt", *DDT, "--interval-min", "0.9", "--interval-max", "0.2",
+                               needles=("--interval-min", "below interval-max"), status=2),
+    "ddt-zero-shift": case("sample-ddt", *DDT, "--shift", "0", needles=("--shift 0", "> 0"), status=2),
+    "ddt-last-step-out-of-range": case("sample-ddt", *DDT, "--last-step", "2", needles=("--last-step 2", "(0, 1]"),
+                                       status=2),
+    "ddt-negative-refresh-rate": case("sample-ddt", *DDT, "--refresh-rate", "-1", needles=("--refresh-rate -1",),
+                                      status=2),
+    "ddt-schedule-and-refresh-rate": case("sample-ddt", *DDT, "--schedule", "{i}/schedule.json", "--refresh-rate",
+                                          "2", needles=("--schedule or --refresh-rate",), status=2),
+    "ddt-labels-not-numbers": case("sample-ddt", *DDT, "--labels", "1,two", needles=("--labels", "integers"),
+                                   status=2),
+    "ddt-zero-nrow": case("sample-ddt", *DDT, "--nrow", "0", needles=("--nrow 0", "positive"), status=2),
+    "ddt-zero-num-samples": case("sample-ddt", *without(DDT, "--out"), "--num-samples", "0",
+                                 needles=("--num-samples 0", "positive"), status=2),
+    "ddt-grid-flags-in-fid-mode": case("sample-ddt", *DDT, "--num-samples", "4", "--labels", "1,2",
+                                       needles=("--labels and --out apply to a grid only", "--num-samples"), status=2),
+    "ddt-fid-flags-without-num-samples": case("sample-ddt", *DDT, "--per-device-batch", "4", "--overwrite",
+                                              needles=("--per-device-batch and --overwrite", "FID mode only"),
+                                              status=2),
+    "ddt-sample-dir-without-num-samples": case("sample-ddt", *DDT, "--sample-dir", "{t}/samples",
+                                               needles=("--sample-dir applies to FID mode only",), status=2),
+    # ---------------------------------------------------------------- ddt-schedule
+    "schedule-no-checkpoint": case("ddt-schedule", *without(SCHEDULE, "--random-init"),
+                                   needles=("--checkpoint", "--random-init"), status=2),
+    "schedule-checkpoint-and-random-init": case("ddt-schedule", *SCHEDULE, "--checkpoint", "{i}/garbage.ckpt",
+                                                needles=("--random-init", "--checkpoint"), status=2),
+    "schedule-which-with-random-init": case("ddt-schedule", *SCHEDULE, "--which", "model",
+                                            needles=("--which", "--random-init"), status=2),
+    "schedule-missing-checkpoint": case("ddt-schedule", *without(SCHEDULE, "--random-init"), "--checkpoint",
+                                        "{i}/absent.ckpt", needles=("--checkpoint", "absent.ckpt", "no such file")),
+    "schedule-text-checkpoint": case("ddt-schedule", *without(SCHEDULE, "--random-init"), "--checkpoint",
+                                     "{i}/text.txt", needles=("text.txt", "not a checkpoint file")),
+    "schedule-folder-checkpoint": case("ddt-schedule", *without(SCHEDULE, "--random-init"), "--checkpoint",
+                                       "{i}/empty_dir", needles=("empty_dir", "a folder that is not")),
+    "schedule-garbage-checkpoint": case("ddt-schedule", *without(SCHEDULE, "--random-init"), "--checkpoint",
+                                        "{i}/garbage.ckpt", needles=("garbage.ckpt",)),
+    "schedule-variant-with-a-run": case("ddt-schedule", *without(SCHEDULE, "--random-init", "--res"),
+                                        "--checkpoint", "{i}/looks_like_a_run",
+                                        needles=("--variant does not apply", "looks_like_a_run")),
+    "schedule-unwritable-out": case("ddt-schedule", *without(SCHEDULE, "--out"), "--out", "{u}/s.json",
+                                    needles=("--out", "{u}", "permission")),
+    "schedule-out-is-a-folder": case("ddt-schedule", *without(SCHEDULE, "--out"), "--out", "{i}/empty_dir",
+                                     needles=("--out names a folder", "empty_dir")),
+    "schedule-out-under-a-file": case("ddt-schedule", *without(SCHEDULE, "--out"), "--out", "{i}/a_file/s.json",
+                                      needles=("--out", "not a folder", "a_file")),
+    "schedule-no-out": case("ddt-schedule", *without(SCHEDULE, "--out"), needles=("--out",), status=2),
+    "schedule-zero-refresh-rate": case("ddt-schedule", *without(SCHEDULE, "--refresh-rate"), "--refresh-rate", "0",
+                                       needles=("--refresh-rate 0", ">= 1"), status=2),
+    "schedule-refresh-rate-above-steps": case("ddt-schedule", *without(SCHEDULE, "--refresh-rate"),
+                                              "--refresh-rate", "10", needles=("0 encoder calls for 4 steps",),
+                                              status=2),
+    "schedule-zero-steps": case("ddt-schedule", *without(SCHEDULE, "--num-steps"), "--num-steps", "0",
+                                needles=("--num-steps 0", "positive"), status=2),
+    "schedule-zero-batch": case("ddt-schedule", *SCHEDULE, "--batch", "0", needles=("--batch 0", "positive"),
+                                status=2),
+    "schedule-unknown-variant": case("ddt-schedule", *without(SCHEDULE, "--variant"), "--variant", "DiT-XL/2",
+                                     needles=("--variant DiT-XL/2", "unknown DDT variant"), status=2),
+    "schedule-odd-res": case("ddt-schedule", *without(SCHEDULE, "--res"), "--res", "100",
+                             needles=("--res 100", "multiple of 16"), status=2),
+    "schedule-empty-interval": case("ddt-schedule", *SCHEDULE, "--interval-min", "1", "--interval-max", "0.5",
+                                    needles=("--interval-min", "below interval-max"), status=2),
+}
+
+
+def _fill(text: str, inputs: Path, tmp: Path, unwritable: Path) -> str:
+    return text.format(i=inputs, t=tmp, u=unwritable)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gives_one_clean_error_line(name, inputs, tmp_path, capfd):
+    c = CASES[name]
+    unwritable = unwritable_dir(tmp_path)
+    before = snapshot(inputs)
+    rc, out = run_cli([c.command, *(_fill(a, inputs, tmp_path, unwritable) for a in c.argv)], capfd)
+    assert_clean_error(rc, out, c.command, *(_fill(n, inputs, tmp_path, unwritable) for n in c.needles),
+                       status=c.status)
+    assert snapshot(inputs) == before, "a command wrote into its inputs"
+    assert not list(tmp_path.glob("grid.png")) and not list(tmp_path.glob("schedule.json")), "an output was written"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cases that load a real model (the tiny digits run): what only the model can tell, found before sampling.
+# ---------------------------------------------------------------------------------------------------------------
+QUICK = ("--steps", "2", "--no-progress")
+RUN_CASES: dict[str, Case] = {
+    # a pixel-space model has no VAE: --vae would be ignored
+    "sample-vae-for-a-pixel-model": case("sample", *QUICK, "--ckpt", "{r}", "--out", "{t}/grid.png", "--vae",
+                                         "ema", needles=("samples pixels", "--vae does not apply")),
+    "fid-vae-for-a-pixel-model": case("sample-fid", *QUICK, "--ckpt", "{r}", "--sample-dir", "{t}/samples", "--vae",
+                                      "mse", needles=("samples pixels", "--vae does not apply")),
+    "sample-labels-out-of-range": case("sample", *QUICK, "--ckpt", "{r}", "--out", "{t}/grid.png", "--labels",
+                                       "3,10", needles=("--labels", "[10]", "10 classes")),
+    "sample-too-many-cfg-channels": case("sample", *QUICK, "--ckpt", "{r}", "--out", "{t}/grid.png",
+                                         "--cfg-channels", "5", needles=("--cfg-channels 5", "2 output channels")),
+    # a diffusion run given to the flow commands
+    "ddt-diffusion-run": case("sample-ddt", *QUICK, "--ckpt", "{r}", "--out", "{t}/grid.png",
+                              needles=("objective=diffusion", "dit-jax sample")),
+    "schedule-diffusion-run": case("ddt-schedule", "--num-steps", "2", "--refresh-rate", "2", "--checkpoint", "{r}",
+                                   "--out", "{t}/schedule.json", needles=("objective=diffusion", "dit-jax sample")),
+    # sample-fid into a folder of samples made with other settings, or with a folder where its .npz goes
+    "fid-folder-of-other-settings": case("sample-fid", *QUICK, "--ckpt", "{r}", "--sample-dir", "{t}/samples",
+                                         "--num-samples", "4", needles=("other settings", "--overwrite")),
+    "fid-npz-is-a-folder": case("sample-fid", *QUICK, "--ckpt", "{r}", "--sample-dir", "{t}/samples",
+                                "--num-samples", "4", "--seed", "1",
+                                needles=("a folder is where the samples' .npz goes",)),
+}
+
+
+@pytest.mark.slow  # the training run: 20-40 s on 2 cores
+@pytest.mark.parametrize("name", list(RUN_CASES))
+def test_what_only_the_model_tells_fails_before_sampling(name, run_dir, tmp_path, capfd):
+    c = RUN_CASES[name]
+    fid = f"{run_dir.name}-step0000002-size-16-vae-none-cfg-1.5-seed-{{}}"
+    (tmp_path / "samples" / fid.format(0)).mkdir(parents=True)  # made by another run: its manifest differs
+    (tmp_path / "samples" / fid.format(0) / "manifest.json").write_text(json.dumps({"num_samples": 7, "seed": 0}))
+    (tmp_path / "samples" / f"{fid.format(1)}.npz").mkdir()  # a folder where seed 1's .npz goes
+    before = snapshot(run_dir)
+    rc, out = run_cli([c.command, *(a.format(r=run_dir, t=tmp_path) for a in c.argv)], capfd)
+    assert_clean_error(rc, out, c.command, *c.needles, status=c.status)
+    assert not list(tmp_path.rglob("shard_*.npz")), "failed after sampling"
+    assert snapshot(run_dir) == before, "a command wrote into the training run"
+    assert not (tmp_path / "grid.png").exists() and not (tmp_path / "schedule.json").exists()
+
+
+def test_debug_shows_the_traceback(inputs, tmp_path, capfd):
+    """The one-line error, and with --debug the traceback before it."""
+    argv = ["sample", "--ckpt", str(inputs / "text.txt"), "--out", str(tmp_path / "grid.png")]
+    rc, out = run_cli(argv, capfd)
+    assert_clean_error(rc, out, "sample", "not a checkpoint file")
+    rc, out = run_cli([*argv, "--debug"], capfd)
+    assert rc == 1 and "Traceback" in out and "not a checkpoint file" in out.splitlines()[-1]
+
+
+def test_outputs_are_written_where_named_and_atomically(tmp_path, monkeypatch):
+    """--npz writes exactly the path given (np.savez given a name adds .npz to one without); a folder in the way is
+    refused; a write that fails (a full disk) leaves no temporary file behind."""
+    import errno
+
+    from dit_jax.images import save_npz, save_png
+
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    out = save_npz(tmp_path / "samples.bin", images=images)
+    assert out == tmp_path / "samples.bin" and sorted(p.name for p in tmp_path.iterdir()) == ["samples.bin"]
+    with np.load(out) as f:
+        np.testing.assert_array_equal(f["images"], images)
+    (tmp_path / "grid.png").mkdir()
+    with pytest.raises(IsADirectoryError):
+        save_png(images[0], tmp_path / "grid.png")
+
+    def full_disk(f, **arrays):
+        f.write(b"half an .npz")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_npz(tmp_path / "s.npz", images=images)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "samples.bin"]
