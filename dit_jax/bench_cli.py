@@ -14,14 +14,18 @@ import argparse
 import importlib.util
 import json
 import math
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from dit_jax.errors import MissingDependencyError
+
 TORCH_REFERENCE = Path(__file__).resolve().parents[1] / "bench" / "torch_reference.py"
+TORCH_REFERENCE_NEEDS = "the PyTorch reference (--torch)"
+TORCH_REFERENCE_INSTALL = "pip install -e '.[test]' (torch and diffusers)"
 
 
 def _torch_reference_path() -> Path:
@@ -50,11 +54,20 @@ def run_torch_reference(mode: str, args: argparse.Namespace, timeout: float | No
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        hint = ""
-        if "No module named" in (proc.stderr or ""):
-            hint = "\n(the reference needs torch and diffusers: pip install -e '.[test]')"
-        raise RuntimeError("the PyTorch reference failed:\n" + "\n".join(tail) + hint)
+        missing = re.search(r"No module named '([\w.]+)'", proc.stderr or "")
+        if missing:
+            raise MissingDependencyError(missing.group(1).split(".")[0], TORCH_REFERENCE_NEEDS, TORCH_REFERENCE_INSTALL,
+                                         tail[-1])
+        raise RuntimeError("the PyTorch reference failed:\n" + "\n".join(tail))
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_torch_reference_installed() -> None:
+    """MissingDependencyError, before anything is measured, when the reference's packages are not installed
+    (looked up, not imported: the reference runs in its own process)."""
+    for package in ("torch", "diffusers"):
+        if importlib.util.find_spec(package) is None:
+            raise MissingDependencyError(package, TORCH_REFERENCE_NEEDS, TORCH_REFERENCE_INSTALL)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -101,7 +114,7 @@ def _finite_at_least_zero(text: str) -> float:
 def check_args(args: argparse.Namespace, device_count: int) -> None:
     """Raise UsageError, naming the flag, for what argparse cannot check alone (before any compile); make sure the
     --json file can be written (it is appended to after the measurements, minutes later)."""
-    from dit_jax.errors import UsageError, os_error_message
+    from dit_jax.errors import UsageError, message
     from dit_jax.models.dit import REMAT_POLICIES, decode_variant
     from dit_jax.models.layers import ATTENTION_IMPLS
 
@@ -126,14 +139,12 @@ def check_args(args: argparse.Namespace, device_count: int) -> None:
     if rows % n:
         what = "--batch" if args.mode == "train" else "2 x --batch (the guided forward's inputs)"
         raise UsageError(f"{what} = {rows} is not divisible by the {n} devices: use a multiple of {n}")
-    if args.json:
-        if os.path.isdir(args.json):
-            raise UsageError(f"--json {args.json} is a folder: name a file (results are appended as JSON lines)")
-        try:
-            with open(args.json, "a", encoding="utf-8"):
-                pass
-        except OSError as e:
-            raise UsageError(f"--json {args.json}: cannot write the results: {os_error_message(e)}") from e
+    if args.json:  # results are appended to it: its folder must exist
+        from dit_jax.paths import check_output_file
+
+        check_output_file(args.json, "--json", parent_must_exist=True)  # exit 1, as every unwritable output
+    if args.torch:
+        check_torch_reference_installed()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

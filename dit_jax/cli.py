@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Callable
 
 from dit_jax import errors
 
@@ -42,11 +43,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_background_tracebacks() -> Callable[[], None]:
+    """Exceptions Python can only print (an unraisable one: tensorstore's callbacks into the closed event loop of
+    a failed Orbax read) or a background thread's: a one-line warning instead of a traceback (--debug keeps
+    Python's printing). The command's own error still ends it as one line."""
+    import logging
+    import threading
+
+    log = logging.getLogger("dit_jax")
+
+    def unraisable(u: "sys.UnraisableHookArgs") -> None:
+        log.debug("ignored in %r: %r", u.object, u.exc_value)
+
+    def thread_failed(a: threading.ExceptHookArgs) -> None:
+        if a.exc_type is SystemExit:
+            return
+        name = a.thread.name if a.thread is not None else "?"
+        errors.warn(f"background thread {name}: {errors.message(a.exc_value)}", log)
+
+    saved = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = unraisable
+    threading.excepthook = thread_failed
+
+    def restore() -> None:
+        sys.unraisablehook, threading.excepthook = saved
+
+    return restore
+
+
 def main(argv: list[str] | None = None) -> int:
+    in_process = argv is not None  # called from Python (tests, notebooks): hand the hooks back afterwards
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     debug = errors.debug_requested(argv[:cut])
     argv = [a for a in argv[:cut] if a != errors.DEBUG_FLAG] + argv[cut:]
+    restore = (lambda: None) if debug else _quiet_background_tracebacks()
+    try:
+        return _main(argv, debug)
+    finally:
+        if in_process:
+            restore()
+
+
+def _main(argv: list[str], debug: bool) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "accepts_overrides", False):

@@ -50,16 +50,9 @@ def check_args(args: argparse.Namespace) -> int:
     """UsageError for arguments that are invalid or do not apply together, then ValueError/OSError for a checkpoint
     no loader reads or an --out that cannot be written: all before the (long) template run. Returns the number of
     encoder calls."""
-    from dit_jax.sample_cli import check_checkpoint_arg, check_output_file
-    from dit_jax.sample_ddt_cli import check_flow_args, check_variant
+    from dit_jax.paths import check_output_file
+    from dit_jax.sample_ddt_cli import check_flow_args, check_model_args
 
-    if args.random_init and args.checkpoint:
-        raise UsageError("--random-init uses an untrained model and would ignore --checkpoint: give one of them")
-    if not args.random_init and not args.checkpoint:
-        raise UsageError("give a DDT checkpoint or DDT training run (--checkpoint), or --random-init (smoke runs)")
-    if args.random_init and args.which is not None:
-        raise UsageError("--which chooses the EMA or trained weights of a checkpoint; --random-init has none")
-    check_variant(args.variant)
     check_flow_args(args.num_steps, args.cfg_scale, args.interval_min, args.interval_max, args.shift, args.last_step,
                     steps_flag="--num-steps")
     n = args.num_steps
@@ -75,14 +68,8 @@ def check_args(args: argparse.Namespace) -> int:
     if args.res is not None and (args.res <= 0 or args.res % PIXELS_PER_TOKEN):
         raise UsageError(f"--res {args.res}: expected a positive multiple of {PIXELS_PER_TOKEN} (the VAE's 8 x the "
                          "patch size 2), e.g. 256")
-    if args.checkpoint:
-        check_checkpoint_arg(args.checkpoint, "--checkpoint", folders=False)
-        if args.variant is not None:
-            from dit_jax.train.export import is_training_run
-
-            if is_training_run(args.checkpoint):
-                raise ValueError(f"--variant does not apply to {args.checkpoint}: a training run's architecture "
-                                 "comes from its config; drop --variant")
+    check_model_args(args.checkpoint, "--checkpoint", random_init=args.random_init, which=args.which,
+                     variant=args.variant)
     check_output_file(args.out, "--out")
     return k
 

@@ -230,8 +230,8 @@ def run(args: argparse.Namespace) -> int:
     options)."""
     from dit_jax.data.sources import ImageFolderSource, TfdsSource
     from dit_jax.errors import UsageError
+    from dit_jax.paths import check_output_folder
     from dit_jax.weights import pretrained_vae
-    from dit_jax.weights.transfer import check_writable_folder
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_args(args)
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         source = ImageFolderSource(args.path)
     else:
         source = TfdsSource(args.name, args.split, args.data_dir)
-    check_writable_folder(args.out)
+    check_output_folder(args.out, "--out", create=True)
     vae = pretrained_vae(args.vae)
     failed: Exception | None = None
     try:

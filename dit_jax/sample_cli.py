@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from dit_jax.errors import UsageError
 from dit_jax.images import make_grid, save_npz, save_png, to_uint8
 from dit_jax.models import DDT, DiT
 from dit_jax.models.vae import SD_VAE_SCALE, AutoencoderKL
+from dit_jax.paths import check_input_exists, check_input_folder, check_output_file
 from dit_jax.sample import OFFICIAL_LABELS, Sampler, SampleSettings, data_mesh, example_keys, pad_to_multiple
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -249,11 +247,7 @@ def check_vae_arg(vae: str) -> None:
         return
     except UnknownWeightsError:
         pass
-    path = Path(vae).expanduser()
-    if not path.exists():
-        raise ValueError(f"--vae {vae}: no such folder; give ema, mse or a diffusers VAE folder")
-    if not path.is_dir():
-        raise ValueError(f"--vae {vae} is a file; give ema, mse or a diffusers VAE folder (with config.json)")
+    check_input_folder(vae, "--vae", hint="give ema, mse or a diffusers VAE folder (with config.json)")
 
 
 def check_checkpoint_arg(ckpt: str, flag: str, *, folders: bool) -> None:
@@ -269,15 +263,13 @@ def check_checkpoint_arg(ckpt: str, flag: str, *, folders: bool) -> None:
     expected = (f"a training run, a `dit-jax convert` folder, a checkpoint file ({', '.join(suffixes)}) or a "
                 "diffusers folder" if folders else
                 f"a dit-jax training run or a checkpoint file ({', '.join(suffixes)})")
-    path = Path(ckpt).expanduser()
-    if not path.exists():
-        if folders:
-            try:
-                resolve_name(ckpt, "dit")  # a registry name: downloaded
-                return
-            except UnknownWeightsError:
-                pass
-        raise ValueError(f"{flag} {ckpt}: no such file or folder; expected {expected}")
+    if folders and not Path(ckpt).expanduser().exists():
+        try:
+            resolve_name(ckpt, "dit")  # a registry name: downloaded
+            return
+        except UnknownWeightsError:
+            pass
+    path = check_input_exists(ckpt, flag, hint=f"expected {expected}")
     if path.is_file():
         if path.suffix not in suffixes:
             raise ValueError(f"{flag} {ckpt}: not a checkpoint file (suffix {path.suffix or 'none'!r}); "
@@ -292,41 +284,6 @@ def check_checkpoint_arg(ckpt: str, flag: str, *, folders: bool) -> None:
         raise ValueError(f"{flag} {ckpt}: a training run without a complete checkpoint yet (the trainer saves one "
                          "every train.ckpt_every steps)")
     raise ValueError(f"{flag} {ckpt}: a folder that is not {expected}")
-
-
-def _write_test(folder: Path, target: Path, flag: str) -> None:
-    """`folder` (which need not exist yet) can be created and written to: its nearest existing ancestor is a
-    folder where a file can be created. Probed with a temporary file, removed at once: permission bits do not tell
-    (root on a read-only file system, or under /sys)."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"{flag} {target}: not a folder", str(existing))
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".dit-jax-write-test-")
-    except OSError as e:
-        raise OSError(e.errno, f"{flag} {target}: {e.strerror}", str(existing)) from e
-    os.close(fd)
-    os.unlink(probe)
-
-
-def check_output_file(path: str | os.PathLike, flag: str) -> Path:
-    """The file `flag` names can be written (see _write_test); nothing is created."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, f"{flag} names a folder", str(path))
-    _write_test(path.parent, path, flag)
-    return path
-
-
-def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
-    """The folder `flag` names is (or can be created as) a folder that can be written; nothing is created."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"{flag} names a file, not a folder", str(path))
-    _write_test(path, path, flag)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import recompute_mask
+from dit_jax.errors import CheckpointMismatchError
 from dit_jax.models.ddt import DDT, DDT_models
 from dit_jax.sample import pad_to_multiple
 from dit_jax.sample_cli import LoadedModel, load_model
@@ -187,7 +188,6 @@ def load_ddt(variant: str, image_size: int, ckpt: str | None = None, *, which: s
         return make(input_size=image_size // 8, rngs=nnx.Rngs(seed))
     if not ckpt:
         raise ValueError("give a DDT checkpoint (--ckpt / --checkpoint: .ckpt/.pt or .safetensors) or --random-init")
-    from dit_jax.convert.common import CheckpointMismatchError
     from dit_jax.convert.ddt import load_official_ddt
     from dit_jax.convert.pt_reader import read_state_dict
 
@@ -195,8 +195,7 @@ def load_ddt(variant: str, image_size: int, ckpt: str | None = None, *, which: s
     try:
         return load_official_ddt(abstract, read_state_dict(ckpt), which=which)
     except CheckpointMismatchError as e:  # hundreds of keys: the summary, in one line
-        raise ValueError(f"{ckpt} does not fit {variant}: {e.summary()} (is it a {variant} checkpoint? --debug lists "
-                         "every key)") from e
+        raise ValueError(f"{ckpt} does not fit {variant} (is it a {variant} checkpoint?): {e.summary()}") from e
 
 
 def load_flow_model(ckpt: str | None, *, variant: str = DEFAULT_VARIANT, image_size: int | None = None,

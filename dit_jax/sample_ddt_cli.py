@@ -40,8 +40,9 @@ from dit_jax.diffusion.sharing import load_schedule, uniform_schedule
 from dit_jax.errors import UsageError
 from dit_jax.images import make_grid, save_png
 from dit_jax.sample import data_mesh
-from dit_jax.sample_cli import (Decoder, check_checkpoint_arg, check_output_file, check_output_folder, check_vae_arg,
-                                label_list, load_decoder, parse_labels, vae_name)
+from dit_jax.paths import check_input_file, check_output_file, check_output_folder
+from dit_jax.sample_cli import (Decoder, check_checkpoint_arg, check_vae_arg, label_list, load_decoder, parse_labels,
+                                vae_name)
 from dit_jax.sample_ddt import DEFAULT_VARIANT, KeyedDDTSampler, load_flow_model, make_flow_sampler
 
 # defaults of the flags that apply to one mode only (None in the parser, so that a flag given in the other mode is
@@ -79,25 +80,36 @@ def check_flow_args(num_steps: int, cfg_scale: float | None, interval_min: float
         raise UsageError(f"--last-step {last_step}: expected a number in (0, 1] (DDT: 0.04)")
 
 
-def check_variant(variant: str | None) -> None:
-    """UsageError for a --variant that names no DDT (the released ones: MCG-NJU/DDT configs)."""
+def check_model_args(ckpt: str | None, flag: str, *, random_init: bool, which: str | None,
+                     variant: str | None) -> None:
+    """The model a flow command (`sample-ddt`, `ddt-schedule`) samples: a checkpoint or training run (`flag`), or
+    --random-init, with the --which and --variant that apply to it. UsageError for flags that do not apply
+    together or a --variant that names no DDT (the released ones: MCG-NJU/DDT configs), ValueError for a checkpoint
+    no loader reads."""
     from dit_jax.models.ddt import DDT_models
 
+    if random_init and ckpt:
+        raise UsageError(f"--random-init samples an untrained model and would ignore {flag}: give one of them")
+    if not random_init and not ckpt:
+        raise UsageError(f"give a DDT checkpoint or a dit-jax flow training run ({flag}), or --random-init for an "
+                         "untrained model (smoke runs)")
+    if random_init and which is not None:
+        raise UsageError("--which chooses the EMA or trained weights of a checkpoint; --random-init has none")
     if variant is not None and variant not in DDT_models:
         raise UsageError(f"--variant {variant}: unknown DDT variant; expected one of {', '.join(DDT_models)}")
+    if ckpt:
+        check_checkpoint_arg(ckpt, flag, folders=False)
+        if variant is not None:
+            from dit_jax.train.export import is_training_run
+
+            if is_training_run(ckpt):
+                raise ValueError(f"--variant does not apply to {ckpt}: a training run's architecture comes from its "
+                                 "config; drop --variant")
 
 
 def check_args(args: argparse.Namespace) -> None:
     """UsageError for flags that are invalid or do not apply together (before anything is loaded), then the
     paths: ValueError for a --ckpt, --vae or --schedule no loader reads."""
-    if args.random_init and args.ckpt:
-        raise UsageError("--random-init samples an untrained model and would ignore --ckpt: give one of them")
-    if not args.random_init and not args.ckpt:
-        raise UsageError("give a DDT checkpoint or flow training run (--ckpt), or --random-init for an untrained model")
-    if args.random_init and args.which is not None:
-        raise UsageError("--which chooses the EMA or trained weights of a checkpoint; --random-init has none")
-    args.which = args.which or "ema"  # (recorded in an FID folder's manifest)
-    check_variant(args.variant)
     check_flow_args(args.steps, args.cfg_scale, args.interval_min, args.interval_max, args.shift, args.last_step)
     if args.schedule and args.refresh_rate:
         raise UsageError("give --schedule or --refresh-rate, not both")
@@ -126,22 +138,12 @@ def check_args(args: argparse.Namespace) -> None:
     for k, v in (GRID_DEFAULTS if not fid else FID_DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    check_model_args(args.ckpt, "--ckpt", random_init=args.random_init, which=args.which, variant=args.variant)
+    args.which = args.which or "ema"  # (recorded in an FID folder's manifest)
     if args.vae:
         check_vae_arg(args.vae)
     if args.schedule:
-        path = Path(args.schedule).expanduser()
-        if not path.is_file():
-            what = "is a folder" if path.is_dir() else ": no such file"
-            raise ValueError(f"--schedule {args.schedule} {what}; give a schedule JSON written by `dit-jax "
-                             "ddt-schedule`".replace(" :", ":"))
-    if args.ckpt:
-        check_checkpoint_arg(args.ckpt, "--ckpt", folders=False)
-        if args.variant is not None:
-            from dit_jax.train.export import is_training_run
-
-            if is_training_run(args.ckpt):
-                raise ValueError(f"--variant does not apply to {args.ckpt}: a training run's architecture comes "
-                                 "from its config; drop --variant")
+        check_input_file(args.schedule, "--schedule", hint="give a schedule JSON written by `dit-jax ddt-schedule`")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import os
 import sys
@@ -40,6 +39,7 @@ import numpy as np
 from dit_jax import distributed
 from dit_jax.errors import UsageError
 from dit_jax.evaluate.npz import write_npz_stream
+from dit_jax.paths import check_output_file, check_output_folder
 from dit_jax.sample import Sampler, SampleSettings, data_mesh, example_keys
 
 MANIFEST = "manifest.json"
@@ -137,8 +137,7 @@ def sample_fid(
     from tqdm.auto import tqdm
 
     folder = Path(folder)
-    if Path(f"{folder}.npz").is_dir():  # found now, not after hours of sampling
-        raise IsADirectoryError(errno.EISDIR, "a folder is where the samples' .npz goes", f"{folder}.npz")
+    check_output_file(f"{folder}.npz", "--sample-dir: the samples' .npz")  # found now, not after hours of sampling
     labels = fid_labels(num_samples, sampler.num_classes, seed)
     manifest = dict(manifest, num_samples=num_samples, seed=seed, shard_size=shard_size, labels="balanced-shuffled")
     refused: OSError | ValueError | None = None
@@ -228,8 +227,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dit_jax.sample_cli import (check_common_args, check_output_folder, load_decoder, load_model,
-                                    settings_from_args, vae_name)
+    from dit_jax.sample_cli import check_common_args, load_decoder, load_model, settings_from_args, vae_name
 
     t0 = time.perf_counter()
     check_common_args(args)

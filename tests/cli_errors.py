@@ -1,5 +1,7 @@
 """Shared by the bad-input tests (tests/test_errors_*.py): run a `dit-jax` command and check the error convention
-of dit_jax/errors.py (non-zero exit, one `dit-jax COMMAND: error: ...` line, no traceback)."""
+of dit_jax/errors.py (non-zero exit, one `dit-jax COMMAND: error: ...` line, no traceback); tables of cases (`Case`,
+built with `case`, `without`, `replace` and `flag_cases`) and `run_case`, which runs one against a folder of inputs
+that no command may write into."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -67,6 +70,73 @@ def unwritable_dir(tmp_path: Path) -> Path:
     if os.geteuid() == 0:
         return Path("/sys/dit-jax-unwritable")
     d = tmp_path / "readonly"
-    d.mkdir()
+    d.mkdir(exist_ok=True)
     d.chmod(0o500)
     return d
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every entry under `folder` with its size and mtime (ns): what a reader must leave as it is."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+class Case(NamedTuple):
+    """One bad command line. In argv and needles, {i} is the inputs folder, {t} the test's tmp_path and {u} a
+    folder nothing can be written under (unwritable_dir)."""
+
+    command: str
+    argv: tuple[str, ...]
+    needles: tuple[str, ...]  # words the error line must hold
+    status: int = 1
+
+
+def case(command: str, *argv: str, needles: tuple[str, ...], status: int = 1) -> Case:
+    return Case(command, argv, needles, status)
+
+
+# the commands' flags that take no value
+SWITCHES = ("--random-init", "--no-progress", "--offline", "--overwrite", "--no-flip", "--store-images", "--force",
+            "--all", "--list", "--no-convert", "--scan-blocks")
+
+
+def without(args: tuple[str, ...], *flags: str) -> tuple[str, ...]:
+    """args less each of `flags` and its value (none for a switch)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = a not in SWITCHES
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def replace(args: tuple[str, ...], *flag_values: str) -> tuple[str, ...]:
+    """args with each flag set to its value (flag, value, flag, value, ...; a flag args lack is added)."""
+    flags, values = flag_values[::2], flag_values[1::2]
+    assert len(flags) == len(values), flag_values
+    return (*without(args, *flags), *(a for pair in zip(flags, values) for a in pair))
+
+
+def flag_cases(prefix: str, command: str, args: tuple[str, ...], flag: str,
+               values: dict[str, tuple[str, tuple[str, ...]]]) -> dict[str, Case]:
+    """{'<prefix>-<name>': `command` with args and `flag` set to value} for each name: (value, needles) of
+    `values`; "FLAG" among the needles stands for the flag."""
+    return {f"{prefix}-{name}": case(command, *replace(args, flag, value),
+                                     needles=tuple(flag if n == "FLAG" else n for n in needles))
+            for name, (value, needles) in values.items()}
+
+
+def run_case(c: Case, inputs: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> str:
+    """Run `c`: the error convention with every needle, and nothing written into `inputs`. Returns the output."""
+    unwritable = unwritable_dir(tmp_path)
+
+    def fill(text: str) -> str:
+        return text.format(i=inputs, t=tmp_path, u=unwritable)
+
+    before = snapshot(inputs)
+    rc, out = run_cli([c.command, *map(fill, c.argv)], capfd)
+    assert_clean_error(rc, out, c.command, *map(fill, c.needles), status=c.status)
+    assert snapshot(inputs) == before, "a command wrote into its inputs"
+    return out

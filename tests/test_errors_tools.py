@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from cli_errors import assert_clean_error, run_cli, unwritable_dir
+from cli_errors import (Case, assert_clean_error, case, flag_cases, replace, run_case, run_cli, snapshot,
+                        unwritable_dir, without)
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: the connection is refused at once
 
@@ -74,11 +74,6 @@ def inputs(tmp_path_factory) -> Path:
     return d
 
 
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every entry under `folder` with its size and mtime (ns): what a reader must leave as it is."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
-
-
 @pytest.fixture
 def quick_network(monkeypatch, tmp_path):
     """Downloads go nowhere, at once: unreachable URL bases, no retries, no backoff, a fresh cache; no offline
@@ -95,186 +90,168 @@ def quick_network(monkeypatch, tmp_path):
     monkeypatch.setenv("DIT_JAX_CACHE", str(tmp_path / "cache"))
 
 
-class Case(NamedTuple):
-    command: str
-    argv: Callable[[Path, Path, Path], list[str]]  # (inputs, tmp_path, an unwritable folder) -> arguments
-    needles: tuple[str, ...]  # words the error line must hold
-    status: int = 1
-
-
-def A(*args: str) -> Callable[[Path, Path, Path], list[str]]:
-    """A command's arguments, with {i} = the inputs folder, {t} = this test's tmp_path, {u} = an unwritable
-    folder."""
-    return lambda i, t, u: [a.format(i=i, t=t, u=u) for a in args]
+# fine arguments, so that each case's one bad input is what fails
+EXTRACT = ("--vae", "{i}/vae", "--source", "folder", "--path", "{i}/images", "--out", "{t}/lat")
+EVALUATE = ("{i}/good.npz", "{i}/ref.npz")
+EVALUATE_JSON = (*EVALUATE, "--inception-weights", "{i}/text.txt", "--json")
 
 CASES: dict[str, Case] = {
     # ---------------------------------------------------------------- convert
-    "convert-missing-file": Case("convert", A("{i}/absent.pt", "{t}/out"), ("absent.pt", "no such file")),
-    "convert-missing-folder": Case("convert", A("{i}/absent", "{t}/out"), ("absent", "no such file or folder")),
-    "convert-text-file": Case("convert", A("{i}/text.txt", "{t}/out"), ("text.txt", "not a checkpoint", "--source")),
-    "convert-text-as-official": Case("convert", A("--source", "official", "{i}/text.txt", "{t}/out"),
-                                     ("text.txt", "unknown checkpoint type")),
-    "convert-garbage-pt": Case("convert", A("{i}/garbage.pt", "{t}/out"), ("garbage.pt", "truncated or corrupt")),
-    "convert-garbage-safetensors": Case("convert", A("{i}/garbage.safetensors", "{t}/out"),
-                                        ("garbage.safetensors", "corrupt or truncated")),
-    "convert-empty-folder": Case("convert", A("{i}/empty_dir", "{t}/out"), ("empty_dir", "config.json")),
-    "convert-folder-as-official": Case("convert", A("--source", "official", "{i}/empty_dir", "{t}/out"),
-                                       ("empty_dir", "a folder", "checkpoint file")),
-    "convert-file-as-diffusers": Case("convert", A("--source", "diffusers", "{i}/tiny-dit.safetensors", "{t}/out"),
-                                      ("tiny-dit.safetensors", "a file", "model folder")),
-    "convert-vae-folder": Case("convert", A("{i}/vae", "{t}/out"), ("AutoencoderKL", "unsupported diffusers config")),
-    "convert-bad-config-json": Case("convert", A("{i}/bad_config_vae", "{t}/out"), ("config.json", "cannot read")),
-    "convert-unwritable-output": Case("convert", A("{i}/tiny-dit.safetensors", "{u}/out", "--num-heads", "2"),
-                                      ("{u}",)),
-    "convert-output-under-a-file": Case("convert", A("{i}/tiny-dit.safetensors", "{i}/a_file/out", "--num-heads",
-                                                     "2"), ("a_file", "a file is in the way")),
-    "convert-output-exists": Case("convert", A("{i}/tiny-dit.safetensors", "{i}/empty_dir", "--num-heads", "2"),
-                                  ("empty_dir", "exists", "--overwrite")),
-    "convert-overwrite-a-file": Case("convert", A("--overwrite", "{i}/tiny-dit.safetensors", "{i}/a_file",
-                                                  "--num-heads", "2"), ("a_file", "is a file", "not a converted")),
-    "convert-overwrite-another-folder": Case("convert", A("--overwrite", "{i}/tiny-dit.safetensors",
-                                                          "{i}/not_converted", "--num-heads", "2"),
-                                             ("not_converted", "holds no converted checkpoint")),
-    "convert-unknown-variant": Case("convert", A("{i}/tiny-dit.safetensors", "{t}/out", "--variant", "DiT-Q/3"),
-                                    ("unknown DiT variant",)),
-    "convert-wrong-variant": Case("convert", A("{i}/tiny-dit.safetensors", "{t}/out", "--variant", "DiT-S/2"),
-                                  ("DiT-S/2 does not match the checkpoint",)),
-    "convert-heads-unknown": Case("convert", A("{i}/tiny-dit.safetensors", "{t}/out"), ("width 32", "--num-heads")),
-    "convert-zero-image-size": Case("convert", A("{i}/tiny-dit.safetensors", "{t}/out", "--image-size", "0"),
-                                    ("--image-size 0", "positive multiple of 8"), 2),
-    "convert-odd-image-size": Case("convert", A("{i}/tiny-dit.safetensors", "{t}/out", "--image-size", "100"),
-                                   ("--image-size 100", "multiple of 8"), 2),
-    "convert-negative-heads": Case("convert", A("{i}/tiny-dit.safetensors", "{t}/out", "--num-heads", "-2"),
-                                   ("--num-heads -2", "positive"), 2),
-    "convert-negative-atol": Case("convert", A("{i}/vae", "{t}/out", "--embedder-atol", "-1"),
-                                  ("--embedder-atol", ">= 0"), 2),
-    "convert-nan-shift": Case("convert", A("{i}/vae", "{t}/out", "--timestep-freq-shift", "nan"),
-                              ("--timestep-freq-shift", "finite"), 2),
+    "convert-missing-file": case("convert", "{i}/absent.pt", "{t}/out", needles=("absent.pt", "no such file")),
+    "convert-missing-folder": case("convert", "{i}/absent", "{t}/out", needles=("absent", "no such file or folder")),
+    "convert-text-file": case("convert", "{i}/text.txt", "{t}/out",
+                              needles=("text.txt", "not a checkpoint", "--source")),
+    "convert-text-as-official": case("convert", "--source", "official", "{i}/text.txt", "{t}/out",
+                                     needles=("text.txt", "unknown checkpoint type")),
+    "convert-garbage-pt": case("convert", "{i}/garbage.pt", "{t}/out", needles=("garbage.pt", "truncated or corrupt")),
+    "convert-garbage-safetensors": case("convert", "{i}/garbage.safetensors", "{t}/out",
+                                        needles=("garbage.safetensors", "corrupt or truncated")),
+    "convert-empty-folder": case("convert", "{i}/empty_dir", "{t}/out", needles=("empty_dir", "config.json")),
+    "convert-folder-as-official": case("convert", "--source", "official", "{i}/empty_dir", "{t}/out",
+                                       needles=("empty_dir", "a folder", "checkpoint file")),
+    "convert-file-as-diffusers": case("convert", "--source", "diffusers", "{i}/tiny-dit.safetensors", "{t}/out",
+                                      needles=("tiny-dit.safetensors", "a file", "model folder")),
+    "convert-vae-folder": case("convert", "{i}/vae", "{t}/out",
+                               needles=("AutoencoderKL", "unsupported diffusers config")),
+    "convert-bad-config-json": case("convert", "{i}/bad_config_vae", "{t}/out", needles=("config.json", "cannot read")),
+    "convert-unwritable-output": case("convert", "{i}/tiny-dit.safetensors", "{u}/out", "--num-heads", "2",
+                                      needles=("{u}",)),
+    "convert-output-under-a-file": case("convert", "{i}/tiny-dit.safetensors", "{i}/a_file/out", "--num-heads", "2",
+                                        needles=("a_file", "a file is in the way")),
+    "convert-output-exists": case("convert", "{i}/tiny-dit.safetensors", "{i}/empty_dir", "--num-heads", "2",
+                                  needles=("empty_dir", "exists", "--overwrite")),
+    "convert-overwrite-a-file": case("convert", "--overwrite", "{i}/tiny-dit.safetensors", "{i}/a_file", "--num-heads",
+                                     "2", needles=("a_file", "is a file", "not a converted")),
+    "convert-overwrite-another-folder": case("convert", "--overwrite", "{i}/tiny-dit.safetensors", "{i}/not_converted",
+                                             "--num-heads", "2",
+                                             needles=("not_converted", "holds no converted checkpoint")),
+    "convert-unknown-variant": case("convert", "{i}/tiny-dit.safetensors", "{t}/out", "--variant", "DiT-Q/3",
+                                    needles=("unknown DiT variant",)),
+    "convert-wrong-variant": case("convert", "{i}/tiny-dit.safetensors", "{t}/out", "--variant", "DiT-S/2",
+                                  needles=("DiT-S/2 does not match the checkpoint",)),
+    "convert-heads-unknown": case("convert", "{i}/tiny-dit.safetensors", "{t}/out",
+                                  needles=("width 32", "--num-heads")),
+    "convert-zero-image-size": case("convert", "{i}/tiny-dit.safetensors", "{t}/out", "--image-size", "0",
+                                    needles=("--image-size 0", "positive multiple of 8"), status=2),
+    "convert-odd-image-size": case("convert", "{i}/tiny-dit.safetensors", "{t}/out", "--image-size", "100",
+                                   needles=("--image-size 100", "multiple of 8"), status=2),
+    "convert-negative-heads": case("convert", "{i}/tiny-dit.safetensors", "{t}/out", "--num-heads", "-2",
+                                   needles=("--num-heads -2", "positive"), status=2),
+    "convert-negative-atol": case("convert", "{i}/vae", "{t}/out", "--embedder-atol", "-1",
+                                  needles=("--embedder-atol", ">= 0"), status=2),
+    "convert-nan-shift": case("convert", "{i}/vae", "{t}/out", "--timestep-freq-shift", "nan",
+                              needles=("--timestep-freq-shift", "finite"), status=2),
     # ---------------------------------------------------------------- download
-    "download-no-name": Case("download", A(), ("name what to download", "--all"), 2),
-    "download-unknown-name": Case("download", A("DiT-XXL-2"), ("unknown weights 'DiT-XXL-2'", "DiT-XL-2-256x256.pt")),
-    "download-a-path": Case("download", A("{i}/tiny-dit.safetensors"), ("is a local path", "dit-jax convert")),
-    "download-names-and-all": Case("download", A("ema", "--all"), ("names or --all",), 2),
-    "download-list-and-names": Case("download", A("--list", "ema"), ("--list takes no name",), 2),
-    "download-offline-force": Case("download", A("--offline", "--force", "ema"), ("--force", "offline"), 2),
-    "download-offline-not-cached": Case("download", A("--offline", "DiT-XL/2-256"),
-                                        ("offline", "not in the cache", "DiT-XL-2-256x256.pt", "/DiT/models/")),
-    "download-unreachable": Case("download", A("mse"), ("cannot reach the server", "offline mode", "mirror")),
-    "download-cache-is-a-file": Case("download", A("ema", "--cache-dir", "{i}/a_file"),
-                                     ("a_file", "not a directory", "a file is where a folder is expected")),
-    "download-corrupt-cache": Case("download", A("mse", "--offline"),
-                                   ("config.json", "corrupt", "dit-jax download --force sd-vae-ft-mse")),
-    "download-folder-in-cache": Case("download", A("mse", "--offline"),
-                                     ("config.json", "a folder, where the cache keeps a downloaded file", "rm -r")),
-    "download-unwritable-cache": Case("download", A("ema", "--cache-dir", "{u}/cache"), ("{u}",)),
+    "download-no-name": case("download", needles=("name what to download", "--all"), status=2),
+    "download-unknown-name": case("download", "DiT-XXL-2",
+                                  needles=("unknown weights 'DiT-XXL-2'", "DiT-XL-2-256x256.pt")),
+    "download-a-path": case("download", "{i}/tiny-dit.safetensors", needles=("is a local path", "dit-jax convert")),
+    "download-names-and-all": case("download", "ema", "--all", needles=("names or --all",), status=2),
+    "download-list-and-names": case("download", "--list", "ema", needles=("--list takes no name",), status=2),
+    "download-offline-force": case("download", "--offline", "--force", "ema", needles=("--force", "offline"),
+                                   status=2),
+    "download-offline-not-cached": case("download", "--offline", "DiT-XL/2-256",
+                                        needles=("offline", "not in the cache", "DiT-XL-2-256x256.pt", "/DiT/models/")),
+    "download-unreachable": case("download", "mse", needles=("cannot reach the server", "offline mode", "mirror")),
+    "download-cache-is-a-file": case("download", "ema", "--cache-dir", "{i}/a_file",
+                                     needles=("a_file", "not a directory", "a file is where a folder is expected")),
+    "download-corrupt-cache": case("download", "mse", "--offline",
+                                   needles=("config.json", "corrupt", "dit-jax download --force sd-vae-ft-mse")),
+    "download-folder-in-cache": case("download", "mse", "--offline",
+                                     needles=("config.json", "a folder, where the cache keeps a downloaded file",
+                                              "rm -r")),
+    "download-unwritable-cache": case("download", "ema", "--cache-dir", "{u}/cache", needles=("{u}",)),
     # ---------------------------------------------------------------- extract-latents
-    "extract-no-path": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--out", "{t}/lat"),
-                            ("--source folder needs --path",), 2),
-    "extract-missing-folder": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                        "{i}/absent", "--out", "{t}/lat"), ("absent", "does not exist")),
-    "extract-path-is-a-file": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                        "{i}/a_file", "--out", "{t}/lat"), ("a_file", "not a folder")),
-    "extract-empty-folder": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                      "{i}/empty_dir", "--out", "{t}/lat"),
-                                 ("empty_dir", "no class sub-folders")),
-    "extract-no-images": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                   "{i}/no_images", "--out", "{t}/lat"), ("no_images", "no .png")),
-    "extract-unreadable-images": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                           "{i}/broken_images", "--out", "{t}/lat", "--image-size",
-                                                           "16"), ("none of the 1 images", "0.png")),
-    "extract-missing-vae": Case("extract-latents", A("--vae", "{i}/absent_vae", "--source", "folder", "--path",
-                                                     "{i}/images", "--out", "{t}/lat"),
-                                ("absent_vae", "no such file or folder")),
-    "extract-unknown-vae": Case("extract-latents", A("--vae", "emma", "--source", "folder", "--path", "{i}/images",
-                                                     "--out", "{t}/lat"), ("unknown vae weights 'emma'", "ema")),
-    "extract-vae-is-a-file": Case("extract-latents", A("--vae", "{i}/text.txt", "--source", "folder", "--path",
-                                                       "{i}/images", "--out", "{t}/lat"),
-                                  ("text.txt", "not a diffusers VAE folder")),
-    "extract-vae-empty-folder": Case("extract-latents", A("--vae", "{i}/empty_dir", "--source", "folder", "--path",
-                                                          "{i}/images", "--out", "{t}/lat"),
-                                     ("empty_dir", "not a diffusers VAE folder")),
-    "extract-vae-config-is-a-folder": Case("extract-latents", A("--vae", "{i}/dir_config_vae", "--source", "folder",
-                                                                "--path", "{i}/images", "--out", "{t}/lat"),
-                                           ("dir_config_vae", "not a diffusers VAE folder")),
-    "extract-vae-bad-config": Case("extract-latents", A("--vae", "{i}/bad_config_vae", "--source", "folder",
-                                                        "--path", "{i}/images", "--out", "{t}/lat"),
-                                   ("config.json", "cannot read")),
-    "extract-vae-offline-not-cached": Case("extract-latents", A("--vae", "ema", "--source", "folder", "--path",
-                                                                "{i}/images", "--out", "{t}/lat"),
-                                           ("offline", "not in the cache")),
-    "extract-unwritable-out": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                        "{i}/images", "--out", "{u}/lat"), ("{u}",)),
-    "extract-out-is-a-file": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                       "{i}/images", "--out", "{i}/a_file"),
-                                  ("a_file", "a file is in the way")),
-    "extract-out-other-run": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                       "{i}/images", "--out", "{t}/other-run", "--image-size", "16"),
-                                  ("another shard count", "new --out")),
-    "extract-zero-image-size": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                         "{i}/images", "--out", "{t}/lat", "--image-size", "0"),
-                                    ("--image-size 0", "multiple of 8"), 2),
-    "extract-odd-image-size": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                        "{i}/images", "--out", "{t}/lat", "--image-size", "12"),
-                                   ("--image-size 12", "multiple of 8"), 2),
-    "extract-zero-batch": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                    "{i}/images", "--out", "{t}/lat", "--batch-size", "0"),
-                               ("--batch-size 0", "positive"), 2),
-    "extract-negative-shards": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                         "{i}/images", "--out", "{t}/lat", "--num-shards", "-1"),
-                                    ("--num-shards -1", "positive"), 2),
-    "extract-half-multiprocess": Case("extract-latents", A("--vae", "{i}/vae", "--source", "folder", "--path",
-                                                           "{i}/images", "--out", "{t}/lat", "--process-id", "1"),
-                                      ("--coordinator", "missing"), 2),
-    "extract-unknown-tfds": Case("extract-latents", A("--vae", "{i}/vae", "--source", "tfds", "--name",
-                                                      "no_such_dataset_xyz", "--data-dir", "{t}/tfds", "--out",
-                                                      "{t}/lat"), ("no dataset named 'no_such_dataset_xyz'",)),
+    "extract-no-path": case("extract-latents", *without(EXTRACT, "--path"), needles=("--source folder needs --path",),
+                            status=2),
+    **flag_cases("extract", "extract-latents", EXTRACT, "--path", {
+        "missing-folder": ("{i}/absent", ("image folder", "absent", "no such file or folder")),
+        "path-is-a-file": ("{i}/a_file", ("image folder", "a_file", "is a file, where a folder is expected")),
+        "empty-folder": ("{i}/empty_dir", ("empty_dir", "no class sub-folders")),
+        "no-images": ("{i}/no_images", ("no_images", "no .png")),
+    }),
+    "extract-unreadable-images": case("extract-latents", *replace(EXTRACT, "--path", "{i}/broken_images",
+                                                                  "--image-size", "16"),
+                                      needles=("none of the 1 images", "0.png")),
+    **flag_cases("extract", "extract-latents", EXTRACT, "--vae", {
+        "missing-vae": ("{i}/absent_vae", ("absent_vae", "no such file or folder")),
+        "unknown-vae": ("emma", ("unknown vae weights 'emma'", "ema")),
+        "vae-is-a-file": ("{i}/text.txt", ("text.txt", "not a diffusers VAE folder")),
+        "vae-empty-folder": ("{i}/empty_dir", ("empty_dir", "not a diffusers VAE folder")),
+        "vae-config-is-a-folder": ("{i}/dir_config_vae", ("dir_config_vae", "not a diffusers VAE folder")),
+        "vae-bad-config": ("{i}/bad_config_vae", ("config.json", "cannot read")),
+        "vae-offline-not-cached": ("ema", ("offline", "not in the cache")),
+    }),
+    "extract-unwritable-out": case("extract-latents", *replace(EXTRACT, "--out", "{u}/lat"), needles=("{u}",)),
+    "extract-out-is-a-file": case("extract-latents", *replace(EXTRACT, "--out", "{i}/a_file"),
+                                  needles=("a_file", "a file is in the way")),
+    "extract-out-other-run": case("extract-latents", *replace(EXTRACT, "--out", "{t}/other-run", "--image-size", "16"),
+                                  needles=("another shard count", "new --out")),
+    "extract-zero-image-size": case("extract-latents", *EXTRACT, "--image-size", "0",
+                                    needles=("--image-size 0", "multiple of 8"), status=2),
+    "extract-odd-image-size": case("extract-latents", *EXTRACT, "--image-size", "12",
+                                   needles=("--image-size 12", "multiple of 8"), status=2),
+    "extract-zero-batch": case("extract-latents", *EXTRACT, "--batch-size", "0", needles=("--batch-size 0", "positive"),
+                               status=2),
+    "extract-negative-shards": case("extract-latents", *EXTRACT, "--num-shards", "-1",
+                                    needles=("--num-shards -1", "positive"), status=2),
+    "extract-half-multiprocess": case("extract-latents", *EXTRACT, "--process-id", "1",
+                                      needles=("--coordinator", "missing"), status=2),
+    "extract-unknown-tfds": case("extract-latents", *replace(without(EXTRACT, "--path"), "--source", "tfds"), "--name",
+                                 "no_such_dataset_xyz", "--data-dir", "{t}/tfds",
+                                 needles=("no dataset named 'no_such_dataset_xyz'",)),
     # ---------------------------------------------------------------- evaluate
-    "evaluate-missing-samples": Case("evaluate", A("{i}/absent.npz", "{i}/good.npz"), ("absent.npz", "no such file")),
-    "evaluate-missing-reference": Case("evaluate", A("{i}/good.npz", "{i}/absent.npz"),
-                                       ("absent.npz", "no such file")),
-    "evaluate-text-npz": Case("evaluate", A("{i}/text.npz", "{i}/good.npz"), ("text.npz", "not an .npz")),
-    "evaluate-garbage-npz": Case("evaluate", A("{i}/good.npz", "{i}/garbage.npz"), ("garbage.npz", "not an .npz")),
-    "evaluate-truncated-npz": Case("evaluate", A("{i}/truncated.npz", "{i}/good.npz"), ("truncated.npz",
-                                                                                        "truncated")),
-    "evaluate-folder-as-npz": Case("evaluate", A("{i}/empty_dir", "{i}/good.npz"), ("empty_dir", "a folder")),
-    "evaluate-no-arr_0": Case("evaluate", A("{i}/named.npz", "{i}/good.npz"), ("named.npz", "missing arr_0")),
-    "evaluate-float-images": Case("evaluate", A("{i}/float.npz", "{i}/good.npz"), ("float.npz", "uint8")),
-    "evaluate-nchw-images": Case("evaluate", A("{i}/nchw.npz", "{i}/good.npz"), ("nchw.npz", "NHWC")),
-    "evaluate-no-images": Case("evaluate", A("{i}/empty.npz", "{i}/good.npz"), ("empty.npz", "is empty")),
-    "evaluate-too-few-images": Case("evaluate", A("{i}/few.npz", "{i}/good.npz"), ("few.npz", "at least 4")),
-    "evaluate-bad-statistics": Case("evaluate", A("{i}/good.npz", "{i}/bad_stats.npz"), ("bad_stats.npz", "sigma")),
-    "evaluate-no-weights": Case("evaluate", A("{i}/good.npz", "{i}/ref.npz"),
-                                ("no Inception weights", "--inception-weights", "pt_inception-2015-12-05")),
-    "evaluate-missing-weights": Case("evaluate", A("{i}/good.npz", "{i}/ref.npz", "--inception-weights",
-                                                   "{i}/absent.pth"), ("absent.pth", "no such file")),
-    "evaluate-weights-folder": Case("evaluate", A("{i}/good.npz", "{i}/ref.npz", "--inception-weights",
-                                                  "{i}/empty_dir"), ("empty_dir", "a folder")),
-    "evaluate-garbage-weights": Case("evaluate", A("{i}/good.npz", "{i}/ref.npz", "--inception-weights",
-                                                   "{i}/garbage.pth"), ("garbage.pth", "truncated or corrupt")),
-    "evaluate-text-weights": Case("evaluate", A("{i}/good.npz", "{i}/ref.npz", "--inception-weights",
-                                                "{i}/text.txt"), ("text.txt", "unknown checkpoint type")),
-    "evaluate-dit-as-weights": Case("evaluate", A("{i}/good.npz", "{i}/ref.npz", "--inception-weights",
-                                                  "{i}/tiny-dit.safetensors"),
-                                    ("not the FID Inception weights", "looks like a DiT checkpoint")),
-    "evaluate-zero-batch": Case("evaluate", A("{i}/good.npz", "{i}/ref.npz", "--batch-size", "0"),
-                                ("--batch-size 0", "positive"), 2),
-    "evaluate-zero-processes": Case("evaluate", A("{i}/good.npz", "{i}/ref.npz", "--num-processes", "0"),
-                                    ("--num-processes", ">= 1"), 2),
-    "evaluate-unwritable-json": Case("evaluate", A("{i}/good.npz", "{i}/ref.npz", "--inception-weights",
-                                                   "{i}/text.txt", "--json", "{u}/m.json"), ("{u}",)),
-    "evaluate-json-is-a-folder": Case("evaluate", A("{i}/good.npz", "{i}/ref.npz", "--inception-weights",
-                                                    "{i}/text.txt", "--json", "{i}/empty_dir"),
-                                      ("--json", "empty_dir", "a folder")),
-    "evaluate-json-under-a-file": Case("evaluate", A("{i}/good.npz", "{i}/ref.npz", "--inception-weights",
-                                                     "{i}/text.txt", "--json", "{i}/a_file/m.json"),
-                                       ("a_file", "a file is in the way")),
+    "evaluate-missing-samples": case("evaluate", "{i}/absent.npz", "{i}/good.npz",
+                                     needles=("absent.npz", "no such file")),
+    "evaluate-missing-reference": case("evaluate", "{i}/good.npz", "{i}/absent.npz",
+                                       needles=("absent.npz", "no such file")),
+    "evaluate-text-npz": case("evaluate", "{i}/text.npz", "{i}/good.npz",
+                              needles=("text.npz", "not an .npz")),
+    "evaluate-garbage-npz": case("evaluate", "{i}/good.npz", "{i}/garbage.npz",
+                                 needles=("garbage.npz", "not an .npz")),
+    "evaluate-truncated-npz": case("evaluate", "{i}/truncated.npz", "{i}/good.npz",
+                                   needles=("truncated.npz", "truncated")),
+    "evaluate-folder-as-npz": case("evaluate", "{i}/empty_dir", "{i}/good.npz",
+                                   needles=("empty_dir", "a folder")),
+    "evaluate-no-arr_0": case("evaluate", "{i}/named.npz", "{i}/good.npz",
+                              needles=("named.npz", "missing arr_0")),
+    "evaluate-float-images": case("evaluate", "{i}/float.npz", "{i}/good.npz",
+                                  needles=("float.npz", "uint8")),
+    "evaluate-nchw-images": case("evaluate", "{i}/nchw.npz", "{i}/good.npz",
+                                 needles=("nchw.npz", "NHWC")),
+    "evaluate-no-images": case("evaluate", "{i}/empty.npz", "{i}/good.npz",
+                               needles=("empty.npz", "is empty")),
+    "evaluate-too-few-images": case("evaluate", "{i}/few.npz", "{i}/good.npz",
+                                    needles=("few.npz", "at least 4")),
+    "evaluate-bad-statistics": case("evaluate", "{i}/good.npz", "{i}/bad_stats.npz",
+                                    needles=("bad_stats.npz", "sigma")),
+    "evaluate-no-weights": case("evaluate", *EVALUATE,
+                                needles=("no Inception weights", "--inception-weights", "pt_inception-2015-12-05")),
+    "evaluate-missing-weights": case("evaluate", *EVALUATE, "--inception-weights", "{i}/absent.pth",
+                                     needles=("absent.pth", "no such file")),
+    "evaluate-weights-folder": case("evaluate", *EVALUATE, "--inception-weights", "{i}/empty_dir",
+                                    needles=("empty_dir", "a folder")),
+    "evaluate-garbage-weights": case("evaluate", *EVALUATE, "--inception-weights", "{i}/garbage.pth",
+                                     needles=("garbage.pth", "truncated or corrupt")),
+    "evaluate-text-weights": case("evaluate", *EVALUATE, "--inception-weights", "{i}/text.txt",
+                                  needles=("text.txt", "unknown checkpoint type")),
+    "evaluate-dit-as-weights": case("evaluate", *EVALUATE, "--inception-weights", "{i}/tiny-dit.safetensors",
+                                    needles=("not the FID Inception weights", "looks like a DiT checkpoint")),
+    "evaluate-zero-batch": case("evaluate", *EVALUATE, "--batch-size", "0", needles=("--batch-size 0", "positive"),
+                                status=2),
+    "evaluate-zero-processes": case("evaluate", *EVALUATE, "--num-processes", "0",
+                                    needles=("--num-processes", ">= 1"), status=2),
+    # --json is checked once the weights are found (text.txt: found, and not read before the check)
+    "evaluate-unwritable-json": case("evaluate", *EVALUATE_JSON, "{u}/m.json", needles=("{u}",)),
+    "evaluate-json-is-a-folder": case("evaluate", *EVALUATE_JSON, "{i}/empty_dir",
+                                      needles=("--json", "empty_dir", "a folder")),
+    "evaluate-json-under-a-file": case("evaluate", *EVALUATE_JSON, "{i}/a_file/m.json",
+                                       needles=("a_file", "a file is in the way")),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_gives_one_clean_error_line(name, inputs, tmp_path, capfd, quick_network, monkeypatch):
-    case = CASES[name]
-    unwritable = unwritable_dir(tmp_path)
     if name == "extract-vae-offline-not-cached":
         monkeypatch.setenv("DIT_JAX_OFFLINE", "1")
     cached = tmp_path / "cache" / "vae" / "sd-vae-ft-mse"
@@ -289,11 +266,7 @@ def test_bad_input_gives_one_clean_error_line(name, inputs, tmp_path, capfd, qui
     if name == "extract-out-other-run":  # the shards of an earlier run with --num-shards 3
         (tmp_path / "other-run").mkdir()
         (tmp_path / "other-run" / "latents-00000-of-00003.array_record").write_bytes(b"")
-    before = snapshot(inputs)
-    rc, out = run_cli([case.command, *case.argv(inputs, tmp_path, unwritable)], capfd)
-    needles = [n.format(u=unwritable) for n in case.needles]
-    assert_clean_error(rc, out, case.command, *needles, status=case.status)
-    assert snapshot(inputs) == before, "a command wrote into its inputs"
+    run_case(CASES[name], inputs, tmp_path, capfd)
     if name == "convert-overwrite-another-folder":
         assert (inputs / "not_converted" / "keep.txt").read_text() == "precious\n"
 

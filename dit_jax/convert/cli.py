@@ -46,7 +46,10 @@ from dit_jax.convert.official_dit import infer_official_arch, load_official_dit
 from dit_jax.convert.pt_reader import PT_SUFFIXES, read_pt, read_state_dict
 from dit_jax.errors import UsageError
 from dit_jax.models.dit import DiT, decode_variant
+from dit_jax.paths import check_input_exists, check_input_file, check_input_folder, check_output_folder
 
+# the keys of a DDT checkpoint (MCG-NJU Lightning file, or its denoiser alone): not a DiT's
+DDT_KEY_PREFIXES = ("ema_denoiser.", "denoiser.", "s_embedder.")
 CONFIG_FILE = "dit_config.json"
 STATE_DIR = "state"
 FORMAT = "dit-jax/converted-dit"
@@ -69,7 +72,14 @@ ARCH_KEYS = (
 
 
 class ConvertError(ValueError):
-    """A conversion request that cannot be carried out (with the reason)."""
+    """A conversion request that cannot be carried out (with the reason). option: the `dit-jax convert` option
+    that would settle it (--variant, --num-heads, ...), which the message asks for; a caller that converts without
+    the user's options (dit_jax.weights, for `dit-jax sample --ckpt FILE`) says what to do instead."""
+
+    def __init__(self, reason: str, option: str | None = None):
+        self.reason = reason
+        self.option = option
+        super().__init__(f"{reason}: pass {option}" if option else reason)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -77,8 +87,7 @@ class ConvertError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 def detect_source(path: Path) -> str:
     """'official' (a .pt/.pth/.bin/.ckpt or .safetensors file) or 'diffusers' (a model folder with config.json)."""
-    if not path.exists():
-        raise ConvertError(f"{path}: no such file or folder: check the path")
+    check_input_exists(path, error=ConvertError)
     if path.is_dir():
         if (path / "config.json").is_file() or (path / "transformer" / "config.json").is_file():
             return "diffusers"
@@ -92,8 +101,8 @@ def detect_source(path: Path) -> str:
         return "official"  # a diffusers file alone lacks num_heads and sample_size: pass its folder instead
     raise ConvertError(
         f"{path}: not a checkpoint this command reads (suffix {path.suffix or 'none'!r}; expected one of "
-        f"{', '.join(PT_SUFFIXES)}, .safetensors, or a diffusers model folder); if it is one, pass "
-        "--source official|diffusers"
+        f"{', '.join(PT_SUFFIXES)}, .safetensors, or a diffusers model folder); if it is one",
+        option="--source official|diffusers",
     )
 
 
@@ -116,9 +125,7 @@ def check_options(
 
 def check_output(out: Path, overwrite: bool) -> None:
     """Before any work: `out` must not exist (or, with overwrite, be an earlier conversion or an empty folder),
-    and its parent folder must be creatable and writable (the OSError that writing would give, otherwise)."""
-    from dit_jax.weights.transfer import check_writable_folder
-
+    and the folder that holds it must be creatable and writable (it is written beside it, then renamed)."""
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise ConvertError(f"{out} exists; pass --overwrite to replace it, or choose another OUTPUT_DIR")
@@ -133,7 +140,7 @@ def check_output(out: Path, overwrite: bool) -> None:
                 "only replaces the output of an earlier `dit-jax convert`, so nothing else is deleted: choose "
                 "another OUTPUT_DIR"
             )
-    check_writable_folder(out.absolute().parent)
+    check_output_folder(out, "OUTPUT_DIR", renamed=True)
 
 
 def _variant_kwargs(variant: str) -> dict[str, int]:
@@ -160,13 +167,13 @@ def _official_kwargs(args: argparse.Namespace, sd: dict[str, np.ndarray], train_
             )
     else:
         if None in (arch.depth, arch.hidden_size, arch.patch_size):
-            raise ConvertError("cannot infer the architecture from the checkpoint's shapes; pass --variant")
+            raise ConvertError("cannot infer the architecture from the checkpoint's shapes", option="--variant")
         kw = dict(depth=arch.depth, hidden_size=arch.hidden_size, patch_size=arch.patch_size)
         heads = args.num_heads or heads_for_width(arch.hidden_size)
         if heads is None:
             raise ConvertError(
                 f"width {arch.hidden_size} is none of the paper's (384, 768, 1024, 1152) and the head count is not "
-                "visible in the weights: pass --num-heads"
+                "visible in the weights", option="--num-heads"
             )
         kw["num_heads"] = heads
     if args.num_heads:
@@ -183,7 +190,7 @@ def _official_kwargs(args: argparse.Namespace, sd: dict[str, np.ndarray], train_
     elif arch.input_size is not None:
         kw["input_size"] = arch.input_size
     else:
-        raise ConvertError("the checkpoint has no pos_embed to tell the resolution from: pass --image-size")
+        raise ConvertError("the checkpoint has no pos_embed to tell the resolution from", option="--image-size")
     if arch.in_channels is not None:
         kw["in_channels"] = arch.in_channels
     if arch.num_classes is not None:
@@ -245,17 +252,13 @@ def convert(
     source = source or detect_source(src)
     if source not in ("official", "diffusers"):
         raise ConvertError(f"unknown source {source!r}; expected 'official' or 'diffusers'")
-    if not src.exists():
-        raise ConvertError(f"{src}: no such file or folder: check the path")
+    check_input_exists(src, error=ConvertError)
     check_output(out, overwrite)  # before reading: a checkpoint can take minutes to read and convert
 
     hashed: dict[str, str] = {}
     if source == "diffusers":
-        if not src.is_dir():
-            raise ConvertError(
-                f"{src}: a file, where a diffusers source is a model folder with config.json (for an official "
-                "checkpoint file, pass --source official or leave --source out)"
-            )
+        check_input_folder(src, what="a diffusers source (a model folder with config.json)", error=ConvertError,
+                           hint="for an official checkpoint file, pass --source official or leave --source out")
         config, sd, files = read_diffusers_folder(src)
         kw = _diffusers_kwargs(args, config)
         folder = files[0].parent
@@ -264,12 +267,13 @@ def convert(
         how = "config.json"
         train_args = None
     else:
-        if not src.is_file():
-            raise ConvertError(
-                f"{src}: a folder, where an official source is a checkpoint file ({', '.join(PT_SUFFIXES)} or "
-                ".safetensors); for a diffusers model folder, pass --source diffusers or leave --source out"
-            )
+        check_input_file(src, what=f"an official source (a checkpoint file: {', '.join(PT_SUFFIXES)} or .safetensors)",
+                         error=ConvertError,
+                         hint="for a diffusers model folder, pass --source diffusers or leave --source out")
         sd = read_state_dict(src, which=weights)
+        if any(k.startswith(DDT_KEY_PREFIXES) for k in sd):
+            raise ConvertError(f"{src}: the keys look like a DDT checkpoint (ema_denoiser.*, s_embedder.*), not a DiT "
+                               f"one: sample it with `dit-jax sample-ddt --ckpt {src}`")
         train_args = None
         if src.suffix in PT_SUFFIXES:
             obj = read_pt(src)  # memory-mapped: cheap to read twice
@@ -455,7 +459,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     except CheckpointMismatchError as e:  # hundreds of keys: one line here, the full list with --debug
-        raise ConvertError(f"{args.input}: {e.summary()} (--debug lists every key)") from e
+        raise ConvertError(f"{args.input}: {e.summary()}") from e
     name = meta["variant"] or "custom DiT"
     print(
         f"converted {meta['source']} {name} ({meta['num_params']:,} params, {meta['image_size']} px, "

@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dit_jax.errors import CheckpointMismatchError
 from dit_jax.models.dit import MODEL_SIZES, PATCH_SIZES, DiT
 from dit_jax.models.layers import get_2d_sincos_pos_embed
+from dit_jax.paths import check_input_file
 
 log = logging.getLogger("dit_jax.convert")
 
@@ -35,60 +37,8 @@ VAE_DOWNSAMPLE = 8  # the SD VAE turns 256 px images into 32 x 32 latents
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Errors.
+# Errors (CheckpointMismatchError, shared with the trainer's checkpoints, lives in dit_jax.errors).
 # ----------------------------------------------------------------------------------------------------------
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not fit the model. Lists every missing, unexpected and mis-shaped key at once."""
-
-    def __init__(
-        self,
-        missing: list[str],
-        unexpected: list[str],
-        mismatched: list[tuple[str, Shape, Shape]],
-        hint: str = "",
-        what: str = "checkpoint",
-    ):
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
-        self.mismatched = list(mismatched)
-        self.hint = hint
-        lines = [
-            f"the {what} does not match the model: {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-            f"{len(self.mismatched)} mis-shaped key(s)"
-        ]
-        if hint:  # first: with hundreds of keys listed, the likely cause should not scroll away
-            lines.append(f"hint: {hint}")
-        if self.missing:
-            lines.append(f"missing keys ({len(self.missing)}):")
-            lines += [f"  {k}" for k in self.missing]
-        if self.unexpected:
-            lines.append(f"unexpected keys ({len(self.unexpected)}):")
-            lines += [f"  {k}" for k in self.unexpected]
-        if self.mismatched:
-            lines.append(f"mis-shaped keys ({len(self.mismatched)}), expected vs got:")
-            lines += [f"  {k}: expected {tuple(e)}, got {tuple(g)}" for k, e, g in self.mismatched]
-        self.headline = lines[0]
-        super().__init__("\n".join(lines))
-
-    def summary(self, max_keys: int = 3) -> str:
-        """The report in one line (for a command's error message): the counts, the hint, and the first
-        `max_keys` keys of each kind; the full list is str(self)."""
-
-        def some(keys: list[str]) -> str:
-            more = f", ... ({len(keys) - max_keys} more)" if len(keys) > max_keys else ""
-            return ", ".join(keys[:max_keys]) + more
-
-        parts = [self.headline]
-        if self.missing:
-            parts.append(f"missing e.g. {some(self.missing)}")
-        if self.unexpected:
-            parts.append(f"unexpected e.g. {some(self.unexpected)}")
-        if self.mismatched:
-            parts.append("mis-shaped e.g. " + some([f"{k} {tuple(g)} (expected {tuple(e)})"
-                                                    for k, e, g in self.mismatched]))
-        return "; ".join(parts) + (f". Hint: {self.hint}" if self.hint else "")
-
-
 class CheckpointReadError(ValueError):
     """A checkpoint file could not be read (missing, truncated, corrupt, or refused as unsafe)."""
 
@@ -412,14 +362,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return sha256_of(path)
 
 
-def check_file(path: str | os.PathLike, what: str) -> None:
-    """CheckpointReadError unless `path` is an existing file (not a folder); `what` names what it should be."""
-    if os.path.isdir(path):
-        raise CheckpointReadError(f"{os.fspath(path)}: a folder, where {what} is expected: name the file")
-    if not os.path.isfile(path):
-        raise CheckpointReadError(f"{os.fspath(path)}: no such file (expected {what}): check the path")
-
-
 # safetensors dtype codes (https://github.com/huggingface/safetensors, "Format") -> numpy dtypes.
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -444,7 +386,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     or corrupt file gives a CheckpointReadError naming it.
     """
     path = os.fspath(path)
-    check_file(path, "a safetensors file")
+    check_input_file(path, what="a safetensors file", error=CheckpointReadError)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:

@@ -5,7 +5,7 @@ train.py checkpoints are {"model", "ema", "opt", "args"} where "args" is a pickl
 torch >= 2.6 refuses under weights_only; we allow exactly that one class (torch.serialization.safe_globals)
 and still load with weights_only=True, so any other pickled object (a code-execution vector) is refused.
 
-torch is optional: it is imported only here, only when a .pt is read.
+torch is optional: it is imported only here, only when a .pt is read (MissingDependencyError without it).
 """
 
 from __future__ import annotations
@@ -19,25 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from dit_jax.convert.common import CheckpointReadError, check_file, read_safetensors, to_numpy, unwrap_checkpoint
+from dit_jax.convert.common import CheckpointReadError, read_safetensors, to_numpy, unwrap_checkpoint
+from dit_jax.errors import import_optional
+from dit_jax.paths import check_input_file
 
-TORCH_HINT = (
-    "reading .pt needs torch (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu); "
-    "alternatively convert the checkpoint to .safetensors elsewhere"
-)
+TORCH_INSTALL = ("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu (or convert the "
+                 "checkpoint to .safetensors elsewhere)")
 PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-class MissingDependencyError(ImportError):
-    """An optional dependency is not installed; the message says what needs it and how to install it."""
-
-
 def _import_torch():
-    try:
-        import torch
-    except ImportError as e:  # also raised when sys.modules["torch"] is None
-        raise MissingDependencyError(TORCH_HINT) from e
-    return torch
+    return import_optional("torch", "reading a PyTorch checkpoint (.pt)", TORCH_INSTALL)
 
 
 def read_pt(path: str | os.PathLike) -> Any:
@@ -47,7 +39,7 @@ def read_pt(path: str | os.PathLike) -> Any:
     truncated or corrupt, or holds pickled objects outside the weights-only allowlist.
     """
     path = os.fspath(path)
-    check_file(path, "a PyTorch checkpoint")
+    check_input_file(path, what="a PyTorch checkpoint", error=CheckpointReadError)
     torch = _import_torch()
     # mmap needs the zip format (torch >= 1.6 default); a truncated zip has no central directory and fails
     # is_zipfile, so it takes the plain path and gets torch's own error, wrapped below.

@@ -43,13 +43,10 @@ class TfdsSource:
     """
 
     def __init__(self, name: str = "imagenet2012", split: str = "train", data_dir: str | None = None):
-        try:
-            import tensorflow_datasets as tfds  # slow import: only when this source is used
-        except ImportError as e:
-            from dit_jax.convert.pt_reader import MissingDependencyError
+        from dit_jax.errors import import_optional
 
-            raise MissingDependencyError(
-                f"a TFDS source needs tensorflow_datasets ({e}): pip install tensorflow-datasets") from e
+        # slow import: only when this source is used
+        tfds = import_optional("tensorflow_datasets", "a TFDS source", "pip install tensorflow-datasets")
 
         self.name, self.split, self.data_dir = name, split, data_dir
         where = data_dir or "the TFDS default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
@@ -89,10 +86,9 @@ class TfdsSource:
 
 def _scan_image_folder(root: Path) -> tuple[list[str], list[str], np.ndarray]:
     """(class names, file paths, labels) for root/<class>/**/<image>, everything sorted."""
-    if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"image folder {str(root)!r} is a file, not a folder (expected root/<class>/<image>)")
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist: check the path")
+    from dit_jax.paths import check_input_folder
+
+    check_input_folder(root, "image folder", hint="expected root/<class>/<image>")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise ValueError(f"image folder {str(root)!r} has no class sub-folders (expected root/<class>/<image>)")
@@ -126,7 +122,7 @@ class ImageFolderSource:
     """
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         self.classes, self.files, self.labels = _scan_image_folder(self.root)
         h = hashlib.sha1()
         for f in self.files:

@@ -177,10 +177,8 @@ def _is_key_batch(key: Any) -> bool:
 def _tqdm(iterable: Sequence[int], enabled: bool) -> Iterable[int]:
     if not enabled:
         return iterable
-    try:
-        from tqdm.auto import tqdm  # lazy: tqdm is optional
-    except ImportError:
-        return iterable
+    from tqdm.auto import tqdm  # lazy: only for a progress bar
+
     return tqdm(iterable)
 
 

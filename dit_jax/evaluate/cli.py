@@ -54,31 +54,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def resolve_weights(path: str | None) -> Path:
     """--inception-weights, else $DIT_JAX_INCEPTION_WEIGHTS; FileNotFoundError saying where to get the file."""
     from dit_jax.convert.inception import WEIGHTS_ENV, WEIGHTS_HINT
+    from dit_jax.paths import check_input_file
 
     given = path or os.environ.get(WEIGHTS_ENV)
     if not given:
         raise FileNotFoundError(f"no Inception weights given: {WEIGHTS_HINT}")
-    p = Path(given).expanduser()
     source = "--inception-weights" if path else f"${WEIGHTS_ENV}"
-    if p.is_dir():
-        raise IsADirectoryError(f"{p} ({source}): a folder, where the weight file is expected; {WEIGHTS_HINT}")
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} ({source}): no such file; {WEIGHTS_HINT}")
-    return p
-
-
-def check_json_path(path: str) -> None:
-    """Before the long passes over the images: --json must name a file in a folder that can be written."""
-    from dit_jax.weights.transfer import check_writable_folder
-
-    out = Path(path)
-    if out.is_dir():
-        raise IsADirectoryError(f"--json {out}: a folder, where the metrics file is expected: name the file")
-    check_writable_folder(out.absolute().parent)
+    return check_input_file(given, source, what="the weight file", hint=WEIGHTS_HINT)
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
     out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, out)
@@ -113,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dit_jax.convert.common import CheckpointMismatchError, CheckpointReadError
+    from dit_jax.convert.common import CheckpointReadError
+    from dit_jax.errors import CheckpointMismatchError
     from dit_jax.evaluate import npz
     from dit_jax.evaluate.evaluator import Evaluator, evaluate_npz, iter_metric_lines
     from dit_jax.evaluate.precision_recall import ManifoldEstimator
+    from dit_jax.paths import check_output_file
 
     t0 = time.perf_counter()
     # Everything that can be checked cheaply is checked before the long passes over the images.
@@ -128,7 +117,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: {shapes[role][0]} images; precision and recall (k = 3) need at least 4")
     weights = resolve_weights(args.inception_weights)
     if args.json:
-        check_json_path(args.json)
+        check_output_file(args.json, "--json")
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -140,8 +129,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         evaluator = Evaluator.from_file(str(weights), batch_size=batch_size, progress=args.progress,
                                         estimator=ManifoldEstimator(distance_dtype=args.pr_distance_dtype))
     except CheckpointMismatchError as e:  # hundreds of keys: one line here, the full list with --debug
-        raise CheckpointReadError(f"{weights}: not the FID Inception weights: {e.summary()} (--debug lists every "
-                                  "key)") from e
+        raise CheckpointReadError(f"{weights}: not the FID Inception weights: {e.summary()}") from e
     metrics = evaluate_npz(args.samples, args.reference, evaluator, log=say)
     for line in iter_metric_lines(metrics):
         print(line, flush=True)

@@ -28,6 +28,7 @@ from typing import IO, Any
 import numpy as np
 
 from dit_jax.evaluate.fid import FIDStatistics
+from dit_jax.paths import check_input_file
 
 IMAGES_KEY = "arr_0"
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -54,10 +55,7 @@ def _read_exact(f: IO[bytes], size: int, path: Path) -> bytes:
 
 def _check_file(p: Path) -> None:
     """NpzFormatError unless `p` is an existing file (not a folder)."""
-    if p.is_dir():
-        raise NpzFormatError(f"{p}: a folder, where an .npz file is expected: name the file")
-    if not p.is_file():
-        raise NpzFormatError(f"{p}: no such file: check the path")
+    check_input_file(p, what="an .npz file", error=NpzFormatError)
 
 
 @contextlib.contextmanager

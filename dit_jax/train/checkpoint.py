@@ -62,7 +62,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dit_jax import distributed
-from dit_jax.errors import warn
+from dit_jax.errors import CheckpointMismatchError, warn  # noqa: F401  (CheckpointMismatchError: raised, re-exported)
 
 PyTree = Any
 log = logging.getLogger("dit_jax.train.checkpoint")
@@ -72,14 +72,11 @@ MANIFEST_FORMAT = "dit_jax.checkpoint.manifest/2"  # /1 (sizes only) is still re
 # orbax's files at a step's top level that it rewrites while finalising (after the manifest is written)
 UNSUMMED = ("_CHECKPOINT_METADATA", "commit_success.txt")
 HASH_CHUNK = 16 << 20
+READER_PATIENCE_S = 300.0  # a reader keeps retrying while a live trainer deletes the steps it reads
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint could be restored (none exists, or every candidate is corrupt or incomplete)."""
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's tree or shapes differ from the abstract state (a config mismatch, not corruption)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,29 +119,22 @@ def _list(names: list[str], limit: int = 12) -> str:
 
 
 def _compare_to_metadata(abstract_state: PyTree, meta_tree: PyTree, step: int, directory: Any) -> None:
+    """CheckpointMismatchError (a config mismatch, not corruption) when the checkpoint's tree or shapes differ from
+    the abstract state; the model's own leaves (params/) are listed first: they say the most."""
     want, have = _flat_shapes(abstract_state), _flat_shapes(meta_tree)
-    def order(k: str) -> tuple[bool, str]:  # the model's own leaves first: they say the most
+
+    def order(k: str) -> tuple[bool, str]:
         return (not k.startswith("params/"), k)
 
     missing = sorted(set(want) - set(have), key=order)
     unexpected = sorted(set(have) - set(want), key=order)
-    shapes = [
-        f"{k} {have[k]} in the checkpoint vs {want[k]} expected"
-        for k in sorted(set(want) & set(have), key=order)
-        if want[k] is not None and have[k] is not None and want[k] != have[k]
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"{len(shapes)} leaves with other shapes: {_list(shapes, 6)}")
-        if missing:
-            parts.append(f"{len(missing)} leaves missing from the checkpoint: {_list(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected leaves in the checkpoint: {_list(unexpected)}")
+    mismatched = [(k, want[k], have[k]) for k in sorted(set(want) & set(have), key=order)
+                  if want[k] is not None and have[k] is not None and want[k] != have[k]]
+    if missing or unexpected or mismatched:
         raise CheckpointMismatchError(
-            f"checkpoint step {step} in {directory} does not match the state this config builds (a different "
-            f"model or optimizer config?): " + "; ".join(parts) + ". Resume with the run's own config, or train "
-            f"this one into a new --workdir"
+            missing, unexpected, mismatched, what="checkpoint", where=f"step {step} in {directory}",
+            target="the state this config builds (a different model or optimizer config?)",
+            hint="Resume with the run's own config, or train this one into a new --workdir",
         )
 
 
@@ -398,14 +388,19 @@ class Checkpointer:
         same tree structure (NamedTuples included), dtypes and shardings. None restores the raw saved tree (dicts
         and lists in place of NamedTuples and tuples; orbax picks the shardings): for inspection, not training.
         Raises CheckpointMismatchError if the tree/shapes differ, CheckpointError if nothing can be restored."""
-        for _ in range(5):
+        deadline = time.monotonic() + READER_PATIENCE_S
+        while True:
             try:
                 return self._restore(abstract_state, step)
             except _StepVanished as e:  # a live trainer deleted it (max_to_keep): not corruption, look again
+                if time.monotonic() > deadline:
+                    raise CheckpointError(
+                        f"the trainer of {self.directory} deletes its checkpoints faster than they can be read (step "
+                        f"{e.step} was the last to vanish): raise its train.keep_ckpts or train.ckpt_every, or read "
+                        f"a copy of a step folder") from None
                 log.info("checkpoint step %d was deleted by its trainer while it was read; reading the newest "
                          "step again", e.step)
                 self._mngr.reload()
-        raise CheckpointError(f"the checkpoints in {self.directory} kept being replaced while they were read")
 
     def _restore(self, abstract_state: PyTree | None, step: int | None) -> Restored:
         self.wait()

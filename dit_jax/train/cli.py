@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from pathlib import Path
 from typing import Any, Callable
 
 from dit_jax import distributed
@@ -38,31 +36,21 @@ WORKDIR_LAYOUT = {"checkpoints": True, "tb": True, "samples": True, "metrics.jso
 
 
 def check_workdir(workdir: str, flag: str = "--workdir", *, create: bool = True) -> None:
-    """Create a local output folder now (create=False: only look), so that a path that cannot hold one (an
-    existing file, an unwritable or read-only place) is a UsageError naming `flag` before any work; gs://... is
-    left to the trainer."""
-    from dit_jax.errors import UsageError, os_error_message
+    """A local output folder that can be written (created now unless create=False), and nothing in it where the
+    trainer writes (WORKDIR_LAYOUT); any problem is an error naming `flag` (exit status 1, as every command's
+    unwritable output: the place, not the command line, is wrong), before any work. gs://... is left to the
+    trainer."""
+    from dit_jax.paths import check_output_folder
 
     if "://" in workdir:
         return
-    path = Path(workdir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {workdir} is a file, not a folder: choose another path (or move the file)")
+    path = check_output_folder(workdir, flag, create=create)
     for name, folder in WORKDIR_LAYOUT.items():  # what a rerun would otherwise trip on, minutes in
         inside = path / name
         if inside.exists() and inside.is_dir() != folder:
             kind, want = ("a file", "folder") if folder else ("a folder", "file")
-            raise UsageError(f"{flag} {workdir}: {inside} is {kind}, where the trainer writes its {name} {want}: "
-                             f"move it, or choose another workdir")
-    if not create:
-        return
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{flag} {workdir}: cannot create the folder: {os_error_message(e)}") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {workdir}: the folder is not writable: check the permissions, or choose another "
-                         f"location")
+            raise FileExistsError(f"{flag} {workdir}: {inside} is {kind}, where the trainer writes its {name} "
+                                  f"{want}: move it, or choose another workdir")
 
 
 def load_run_config(spec: str, overrides: list[str], workdir: str,

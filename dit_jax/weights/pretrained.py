@@ -168,13 +168,13 @@ def _converted_local(source: Path, root: Path, options: Mapping[str, Any], progr
 def _convert(source: Path, out: Path, options: Mapping[str, Any], progress: bool) -> None:
     import jax
 
-    from dit_jax.convert.cli import ConvertError, convert
+    from dit_jax.convert.cli import ConvertError
 
     if progress:
         print(f"dit-jax: converting {source}\n      -> {out}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     if jax.process_count() == 1:
-        convert(source, out, overwrite=True, **options)
+        _convert_for_loading(source, out, options)
         return
     # In a multi-process job each host converts for its own cache (under the cache's lock), but Orbax's saves are
     # job-wide (barriers, process 0 writes): convert in a one-process child on the CPU instead.
@@ -184,12 +184,30 @@ def _convert(source: Path, out: Path, options: Mapping[str, Any], progress: bool
     env = {k: v for k, v in os.environ.items()
            if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
     env["JAX_PLATFORMS"] = "cpu"  # the accelerator belongs to the parent
-    code = ("import json, sys; from pathlib import Path; from dit_jax.convert.cli import convert; "
-            "convert(Path(sys.argv[1]), Path(sys.argv[2]), overwrite=True, **json.loads(sys.argv[3]))")
+    code = ("import json, sys; from pathlib import Path; from dit_jax.weights.pretrained import _convert_for_loading; "
+            "_convert_for_loading(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]))")
     proc = subprocess.run([sys.executable, "-c", code, str(source), str(out), json.dumps(dict(options))], env=env,
                           capture_output=True, text=True)
     if proc.returncode:
         raise ConvertError(f"converting {source} failed:\n{proc.stderr.strip()[-3000:]}")
+
+
+def _convert_for_loading(source: Path, out: Path, options: Mapping[str, Any]) -> None:
+    """dit_jax.convert.cli.convert, for a loader (`dit-jax sample --ckpt FILE`, pretrained_dit): a file that
+    `dit-jax convert` could read only with an option (--variant, --num-heads, ...) is not one this loader can read
+    as it is, and the error says so, and what to do, instead of asking for an option the caller does not have."""
+    from dit_jax.convert.cli import ConvertError, convert
+
+    try:
+        convert(source, out, overwrite=True, **options)
+    except ConvertError as e:
+        if e.option is None:
+            raise
+        raise ConvertError(
+            f"{source} is not a DiT checkpoint that can be read as it is ({e.reason}). A DDT checkpoint? sample it "
+            f"with `dit-jax sample-ddt --ckpt {source}`. A DiT: convert it with `dit-jax convert` (which takes "
+            f"{e.option}), then pass the converted folder"
+        ) from e
 
 
 def _check_overrides(folder: Path, overrides: Mapping[str, Any]) -> None:

@@ -110,22 +110,6 @@ def write_record(dest: Path, digest: str) -> None:
 _READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def check_writable_folder(folder: str | os.PathLike) -> Path:
-    """Create `folder` (and its parents) if needed and check that files can be created in it, before a command
-    spends time on work whose result it could not write. Raises the OSError (naming `folder`) that writing
-    would give: permission denied, a read-only file system, a file where a folder is expected, ..."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)  # FileExistsError / NotADirectoryError name the file in the way
-    probe = folder / f".dit-jax-write-check-{os.getpid()}-{os.urandom(4).hex()}"
-    try:
-        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except OSError as e:
-        raise type(e)(e.errno, e.strerror, str(folder)) from e
-    os.close(fd)
-    _unlink(probe)
-    return folder
-
-
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
