@@ -114,7 +114,7 @@ def _finite_at_least_zero(text: str) -> float:
 def check_args(args: argparse.Namespace, device_count: int) -> None:
     """Raise UsageError, naming the flag, for what argparse cannot check alone (before any compile); make sure the
     --json file can be written (it is appended to after the measurements, minutes later)."""
-    from dit_jax.errors import UsageError, message
+    from dit_jax.errors import UsageError
     from dit_jax.models.dit import REMAT_POLICIES, decode_variant
     from dit_jax.models.layers import ATTENTION_IMPLS
 

@@ -51,13 +51,11 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
