@@ -96,6 +96,9 @@ def _main(argv: list[str], debug: bool) -> int:
             bad = stray[0]
             key = bad.removeprefix("config.")
             hint = f"--config.{key}" if "=" in key and not key.startswith("-") else "--config.KEY=VALUE"
+            at = argv.index(bad)
+            if at > 0 and argv[at - 1].startswith("--config.") and "=" not in argv[at - 1]:
+                hint = f"{argv[at - 1]}={bad}"  # `--config.train.steps 100`
             parser.error(f"unrecognized argument {bad!r}: a config override is written {hint} "
                          f"(one word, with '='; e.g. --config.train.steps=100)")
         args.overrides = words

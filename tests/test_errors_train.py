@@ -46,7 +46,7 @@ TRAIN_CASES = [
     ("runlocal=ture", ["--config", "configs/digits.py:runlocal=ture"], ["runlocal", "ture", "bool"], 2),
     ("workdir is a file", ["--config", DIGITS, "--workdir", "{file}"], ["--workdir", "is a file"], 1),
     ("override without =", ["--config", DIGITS, "--config.train.steps"], ["train.steps", "--config.train.steps="], 2),
-    ("override value as next word", ["--config", DIGITS, "--config.train.steps", "5"], ["--config.KEY=VALUE"], 2),
+    ("override value as next word", ["--config", DIGITS, "--config.train.steps", "5"], ["--config.train.steps=5"], 2),
     ("override without --config.", ["--config", DIGITS, "train.steps=5"], ["--config.train.steps=5"], 2),
     # the config file: missing, wrong kind, a folder
     ("missing config", ["--config", "{missing}"], ["not found", "missing.py"], 2),
