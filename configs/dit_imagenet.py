@@ -9,7 +9,7 @@ the model sees res // 8 latents), runlocal (True: tiny model, batch 8, 20 steps 
 pre-extracted posterior mean/std of sd-vae-ft-ema, as `dit-jax extract-latents` writes them; tfds | folder:
 images, which `dit-jax train` does not VAE-encode on the fly yet, so it refuses them: extract latents first).
 
-Paper settings (DESIGN.md section 3): AdamW lr 1e-4 constant, weight decay 0, no warm-up or clipping, global batch
+Paper settings (DiT paper, Sec. 4 "Training"): AdamW lr 1e-4 constant, weight decay 0, no warm-up or clipping, global batch
 256, EMA 0.9999 every step from the initial weights, horizontal flips, ADM centre crop, latents
 z = 0.18215 * (mean + std * eps) drawn fresh every step, 400K steps, learned sigma (MSE + VB loss), 1000 diffusion
 steps with the linear schedule, label dropout 0.1. Compute is bf16 on the matmuls (params and EMA in fp32).

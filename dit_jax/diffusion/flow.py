@@ -1,6 +1,6 @@
 """Flow matching on the linear path, as DDT trains and samples it (MCG-NJU/DDT src/diffusion/*flow_matching*).
 
-Convention (DESIGN.md section 4): t = 0 is pure noise and t = 1 is data,
+Convention (MCG-NJU/DDT's flow matching): t = 0 is pure noise and t = 1 is data,
     x_t = t * x + (1 - t) * eps,        target velocity v = dx_t/dt = x - eps,
 trained with the element-mean squared error, t drawn logit-normal (sigmoid of N(0, 1)) or uniform. The same loss
 trains a DiT-shaped velocity model (SiT-style) when its output is read as v.

@@ -6,7 +6,7 @@ Passing s back in skips the encoder, which is how samplers share it across neigh
 
 Classes mirror the reference one to one (Embed, TimestepEmbedder, LabelEmbedder, RMSNorm, FeedForward, RAttention,
 DDTBlock, FinalLayer, DDT) and keep its parameter names, so `load_official_ddt` is a near-identity. The numeric
-spec is DESIGN.md section 4:
+spec, as MCG-NJU/DDT implements it:
   * blocks: RMSNorm (eps 1e-6, learnable), attention without qkv bias, per-head RMSNorm on q and k, 2-D RoPE
     (positions spread over [0, 16] on each axis whatever the grid, frequencies 1 / 10000^(k / hd) for k = 0, 4, ...,
     x and y interleaved, rotating adjacent channel pairs), SwiGLU with hidden int(2 * int(4 D) / 3), adaLN as a

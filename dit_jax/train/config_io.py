@@ -70,7 +70,7 @@ class ConfigError(ValueError):
 # The schema
 # ==========================================================================================================
 def base_config() -> ConfigDict:
-    """Every field the trainer reads, with the paper's values (DESIGN.md section 3) where it has one.
+    """Every field the trainer reads, with the paper's values (DiT paper, Sec. 4 "Training") where it has one.
 
     Config files start from this and set their own values explicitly, so that reading a config file shows the
     whole recipe; adding a field here makes it overridable everywhere.

@@ -12,7 +12,7 @@ params (an exact copy at step 0), and updated every step from the new params, as
 with no debiasing and no warm-up. It leaves the updates unchanged. `optax.ema` is the wrong tool: it averages
 the *updates* and debiases by default. Sampling and evaluation read the EMA with `ema_params(opt_state)`.
 
-Traps (DESIGN.md section 3): `optax.adamw` defaults to weight_decay=1e-4 while the paper uses 0, so the decay is
+Traps (the DiT paper, Sec. 4 "Training"): `optax.adamw` defaults to weight_decay=1e-4 while the paper uses 0, so the decay is
 always passed explicitly; the paper's learning rate is constant (no warm-up, no clipping), both optional here.
 """
 
@@ -26,7 +26,7 @@ import optax
 
 PyTree = Any
 
-# Defaults for config fields that are absent (the paper's training settings, DESIGN.md section 3).
+# Defaults for config fields that are absent (the paper's training settings, DiT paper Sec. 4).
 DEFAULTS = dict(
     lr=1e-4,
     weight_decay=0.0,
