@@ -177,8 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("bench", help="steady-state throughput (train step | guided sampling forward), vs PyTorch",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("train", "sample"))
     p.add_argument("--variant", default="S/2", help="S|B|L|XL / 2|4|8 (default S/2)")
     p.add_argument("--batch", type=_int_at_least(1), default=32, help="global batch (images)")

@@ -1,5 +1,6 @@
-"""The `dit-jax` command line. Each subcommand lives in its own module, which exposes
-`register(subparsers)`: it adds its parser and sets `func(args) -> int` as the default.
+"""The `dit-jax` command line: one command table (COMMANDS). Each command lives in the module the table names,
+which exposes `register(subparsers)`: it adds its parser (the table supplies its one-line help) and sets
+`func(args) -> int` as the default. Only the command being run is imported.
 
 Errors follow one convention (dit_jax/errors.py): a command raises, and `main` prints one line
 `dit-jax COMMAND: error: ...` and exits 1 (2 for usage errors); `--debug` anywhere, or DIT_JAX_DEBUG=1, adds
@@ -11,35 +12,62 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from dit_jax import errors
 
-# subcommand modules, in the order `dit-jax --help` lists them
-_SUBCOMMAND_MODULES = (
-    "dit_jax.demo",
-    "dit_jax.train.cli",
-    "dit_jax.extract_latents",
-    "dit_jax.convert.cli",
-    "dit_jax.sample_cli",
-    "dit_jax.sample_ddt_cli",
-    "dit_jax.ddt_schedule",
-    "dit_jax.weights",
-    "dit_jax.evaluate.cli",
-    "dit_jax.bench_cli",
-    "dit_jax.flops",
-)
+# The command table: name -> (the module whose `register(subparsers)` defines its parser, the one-line help
+# `dit-jax --help` shows), in the order it lists them. A module is imported only when its command runs (or shows
+# its --help): `dit-jax --help` imports neither jax nor any command module.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("dit_jax.demo", "train a small DiT on the bundled digits (CPU, a few minutes) and sample"),
+    "train": ("dit_jax.train.cli", "train (or resume) a DiT from a config file"),
+    "extract-latents": ("dit_jax.extract_latents", "encode a dataset with the SD VAE into ArrayRecord shards"),
+    "convert": ("dit_jax.convert.cli", "convert an official DiT .pt or a diffusers DiT folder to an Orbax checkpoint"),
+    "sample": ("dit_jax.sample_cli", "sample a class-conditional PNG grid"),
+    "sample-fid": ("dit_jax.sample_fid", "sample N images into an ADM-evaluator .npz (resumable)"),
+    "sample-ddt": ("dit_jax.sample_ddt_cli", "sample a PNG grid from a DDT (flow matching, encoder sharing)"),
+    "ddt-schedule": ("dit_jax.ddt_schedule", "compute and save DDT's DP encoder-sharing schedule"),
+    "download": ("dit_jax.weights.cli", "download the official DiT-XL/2 checkpoints and the SD VAE into the cache"),
+    "evaluate": ("dit_jax.evaluate.cli",
+                 "Inception Score, FID, sFID, precision, recall of a sample .npz (ADM evaluation suite)"),
+    "bench": ("dit_jax.bench_cli", "steady-state throughput (train step | guided sampling forward), vs PyTorch"),
+    "flops": ("dit_jax.flops", "parameters and forward GFLOPs (MACs, paper convention) of the twelve DiT variants"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Subcommands(argparse._SubParsersAction):
+    """add_parser takes its help from COMMANDS and always keeps the description's line breaks."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("help", COMMANDS[name][1])
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        return super().add_parser(name, **kwargs)
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The command word of argv (the first word that is not an option), if it is a known one."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with `command`'s full sub-parser (its module imported); every other command is a placeholder
+    that only names itself and its help. command=None: placeholders only (what `dit-jax --help` needs)."""
     parser = argparse.ArgumentParser(
         prog="dit-jax", description="DiT (Peebles & Xie, 2023) in JAX/Flax NNX: models, diffusion, tools.",
         epilog=f"{errors.DEBUG_FLAG} (anywhere) or {errors.DEBUG_ENV}=1: show the traceback of an error.",
     )
+    parser.register("action", "parsers", _Subcommands)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in _SUBCOMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for name, (module, _) in COMMANDS.items():
+        if name == command:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name)
     return parser
 
 
@@ -86,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str], debug: bool) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_in(argv))
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "accepts_overrides", False):
         # `--config.a.b=value` overrides (argparse leaves them in `extra`; a bare word lands in `overrides`)

@@ -23,7 +23,7 @@ REPO_CONFIG = "configs/digits.py"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="train a small DiT on the bundled digits (CPU, a few minutes) and sample")
+    p = subparsers.add_parser("demo")
     p.add_argument("--workdir", default="runs/digits", help="output folder (default: runs/digits)")
     p.add_argument("--config", default=REPO_CONFIG, help=f"config file (default: {REPO_CONFIG})")
     p.add_argument("--per-class", type=int, default=20, help="samples per class (default 20)")

@@ -233,14 +233,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `flops` subcommand to a `dit-jax` subparsers object."""
     parser = subparsers.add_parser(
         "flops",
-        help="parameters and forward GFLOPs (MACs, paper convention) of the twelve DiT variants",
         description=(
             "Print one row per DiT variant (S, B, L, XL x patch 8, 4, 2): trainable parameters in millions (the "
             "fixed pos_embed excluded, as in the paper's Table 4) and GFLOPs of one batch-1 forward pass counted as "
             "multiply-accumulates of matmuls and convolutions, the convention of the DiT paper (Table 4); "
             "elementwise work is ignored. Real FLOPs are about twice that."
-        ),
-    )
+        ))
     parser.add_argument(
         "--image-size",
         type=int,

@@ -290,7 +290,7 @@ def check_checkpoint_arg(ckpt: str, flag: str, *, folders: bool) -> None:
 # dit-jax sample
 # ----------------------------------------------------------------------------------------------------------
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("sample", help="sample a class-conditional PNG grid", description=__doc__,
+    p = subparsers.add_parser("sample", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cfg_scale=4.0, vae="mse")
     p.add_argument("--labels", help="comma-separated class ids (default: the official sample.py's 8 classes)")
@@ -299,9 +299,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--nrow", type=int, default=4, help="images per grid row (default 4, as sample.py)")
     p.add_argument("--npz", help="also save the uint8 images and labels to this .npz")
     p.set_defaults(func=run)
-    from dit_jax.sample_fid import register as register_fid
-
-    register_fid(subparsers)
     return p
 
 

@@ -156,7 +156,7 @@ def test_commands_not_run_still_parse_and_their_configs_validate(command):
     from dit_jax.train.config_io import load_config
 
     argv = shlex.split(command)[1:]
-    args, extra = build_parser().parse_known_args(argv)
+    args, extra = build_parser(argv[0]).parse_known_args(argv)
     assert all(e.startswith("--config.") for e in extra), extra
     if args.command == "train":
         config = load_config(args.config, list(args.overrides or []) + extra)

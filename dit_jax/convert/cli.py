@@ -406,10 +406,8 @@ def load_converted(path: str | os.PathLike, **overrides: Any) -> DiT:
 def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert",
-        help="convert an official DiT .pt or a diffusers DiT folder to an Orbax checkpoint",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="official .pt (release or train.py checkpoint) or diffusers model folder")
     p.add_argument("output_dir", help="folder to create (state/ + dit_config.json)")
     p.add_argument("--source", choices=("official", "diffusers"), help="default: detected from INPUT")

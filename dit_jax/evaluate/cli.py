@@ -33,9 +33,7 @@ DEFAULT_BATCH_SIZE = 256  # = dit_jax.evaluate.evaluator.DEFAULT_BATCH_SIZE; hea
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "evaluate", help="Inception Score, FID, sFID, precision, recall of a sample .npz (ADM evaluation suite)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        "evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", help="sample batch .npz (arr_0 uint8 (N, H, W, 3))")
     p.add_argument("reference", help="reference batch .npz (arr_0, optionally mu, sigma, mu_s, sigma_s)")
     p.add_argument("--inception-weights", default=None,

@@ -20,10 +20,8 @@ from dit_jax import distributed
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train (or resume) a DiT from a config file",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config file, optionally with ':arg' (e.g. configs/dit_imagenet.py:variant=XL/2)")
     p.add_argument("--workdir", required=True, help="output folder (local path or gs://...)")
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)

@@ -24,10 +24,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `download` subcommand; its `func(args) -> int` is `run`."""
     p = subparsers.add_parser(
         "download",
-        help="download the official DiT-XL/2 checkpoints and the SD VAE into the cache",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", metavar="NAME", help="a registry name or alias (see --list), e.g. DiT-XL/2-256, ema")
     p.add_argument("--all", action="store_true", help="download every registry entry")
     p.add_argument("--list", action="store_true", help="list the registry with what is cached, and exit")
