@@ -24,10 +24,12 @@ import shlex
 import sys
 from typing import Sequence
 
+from dit_jax.constants import BLOCK_TYPES
+
 CONFIG_FILE = "configs/dit_imagenet.py"
 SIZES = ("S", "B", "L", "XL")
 PATCHES = (8, 4, 2)
-BLOCK_TYPES = ("in-context", "cross-attn", "adaLN", "adaLN-Zero")  # = dit_jax.models.dit.BLOCK_TYPES
+SWEEP_BLOCK_ORDER = tuple(reversed(BLOCK_TYPES))  # the paper's Figure 5 order: in-context ... adaLN-Zero
 
 
 def _slug(name: str) -> str:
@@ -59,7 +61,7 @@ def block_ablation(variant: str = "XL/2", res: int = 256) -> list[dict]:
             config=f"{CONFIG_FILE}:variant={variant},res={res}",
             overrides={"model.block_type": block},
         )
-        for block in BLOCK_TYPES
+        for block in SWEEP_BLOCK_ORDER
     ]
 
 

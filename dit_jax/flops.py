@@ -39,9 +39,8 @@ import json
 import sys
 from typing import Any
 
-# The block designs of the paper (section 3.2, Figure 5); must equal dit_jax.models.BLOCK_TYPES (a test checks
-# it). Kept here so that importing this module and building the CLI parser do not import jax.
-BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attn", "in-context")
+from dit_jax.constants import BLOCK_TYPES  # the paper's block designs (section 3.2), without importing jax
+
 COND_TOKENS = 2  # [t_emb, y_emb]: the condition sequence of the cross-attn and in-context designs
 SIZE_ORDER = ("S", "B", "L", "XL")
 PATCH_ORDER = (8, 4, 2)  # the order of the paper's Table 4: S/8, S/4, S/2, B/8, ...

@@ -31,12 +31,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dit_jax.errors import UsageError
 from dit_jax.images import make_grid, save_npz, save_png, to_uint8
 from dit_jax.models import DDT, DiT
-from dit_jax.models.vae import SD_VAE_SCALE, AutoencoderKL
+from dit_jax.constants import SD_VAE_SCALE, VAE_DOWNSAMPLE
+from dit_jax.models.vae import AutoencoderKL
 from dit_jax.paths import check_input_exists, check_input_folder, check_output_file
 from dit_jax.sample import OFFICIAL_LABELS, Sampler, SampleSettings, data_mesh, example_keys, pad_to_multiple
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-VAE_DOWNSAMPLE = 8
 
 
 @dataclasses.dataclass

@@ -25,6 +25,7 @@ from flax import nnx
 
 from dit_jax.errors import CheckpointMismatchError
 from dit_jax.models.dit import MODEL_SIZES, PATCH_SIZES, DiT
+from dit_jax.constants import VAE_DOWNSAMPLE  # noqa: F401  (re-exported; the SD VAE: 256 px -> 32 x 32)
 from dit_jax.models.layers import get_2d_sincos_pos_embed
 from dit_jax.paths import check_input_file
 
@@ -33,7 +34,6 @@ log = logging.getLogger("dit_jax.convert")
 Shape = tuple[int, ...]
 # Prefixes that wrappers add to every key: DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-VAE_DOWNSAMPLE = 8  # the SD VAE turns 256 px images into 32 x 32 latents
 
 
 # ----------------------------------------------------------------------------------------------------------

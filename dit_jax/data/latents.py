@@ -51,6 +51,8 @@ import grain.python as grain
 import numpy as np
 from flax import serialization
 
+from dit_jax.constants import SD_VAE_SCALE
+
 log = logging.getLogger("dit_jax.data")
 
 __all__ = [
@@ -65,7 +67,7 @@ __all__ = [
     "DecodeLatents",
 ]
 
-LATENT_SCALE = 0.18215  # SD VAE scaling factor (DiT train.py / sample.py)
+LATENT_SCALE = SD_VAE_SCALE  # the default scale of latents written here (DiT train.py / sample.py)
 FORMAT = "dit-jax-latents-v1"
 _FLIP_KEYS = ("mean_flip", "logvar_flip")
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dit_jax.constants import BLOCK_TYPES  # the paper's four conditioning designs (sec. 3.2); re-exported
 from dit_jax.models.layers import (
     ATTENTION_IMPLS,
     Attention,
@@ -34,9 +35,6 @@ from dit_jax.models.layers import (
     modulate,
     zeros,
 )
-
-# The four conditioning designs of the paper (section 3.2): adaLN-Zero is the one DiT uses everywhere.
-BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attn", "in-context")
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no rematerialisation

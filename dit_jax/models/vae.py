@@ -35,13 +35,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dit_jax.constants import SD_VAE_SCALE  # noqa: F401  (re-exported: the caller multiplies / divides)
 from dit_jax.models.layers import attention
 
 Dtype = jnp.dtype | type | None
 
-# Latent scaling of the SD VAE (LDM paper sec. 4.3.2 / D.1; diffusers AutoencoderKL.config.scaling_factor):
-# the diffusion model sees z * SD_VAE_SCALE; decode expects the unscaled z. The caller multiplies / divides.
-SD_VAE_SCALE = 0.18215
 GROUP_NORM_EPS = 1e-6  # diffusers Encoder / Decoder pass resnet_eps=1e-6 and eps=1e-6 to every GroupNorm
 DOWN_BLOCK_TYPE = "DownEncoderBlock2D"
 UP_BLOCK_TYPE = "UpDecoderBlock2D"

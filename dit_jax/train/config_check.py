@@ -14,12 +14,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ml_collections import ConfigDict
 
+from dit_jax.constants import VAE_CHANNELS, VAE_DOWNSAMPLE
 from dit_jax.train.config_io import (
     DATA_SOURCES,
     MODEL_DTYPES,
     NOISE_SCHEDULES,
-    VAE_CHANNELS,
-    VAE_DOWNSAMPLE,
     ConfigError,
     flat_keys,
 )

@@ -32,6 +32,8 @@ from typing import Any, Iterable, Sequence
 
 from ml_collections import ConfigDict
 
+from dit_jax.constants import SD_VAE_SCALE
+
 __all__ = [
     "ConfigError",
     "apply_overrides",
@@ -55,8 +57,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_SOURCES = ("digits", "tfds", "folder", "latents")
 MODEL_DTYPES = ("float32", "bfloat16")
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
-VAE_DOWNSAMPLE = 8  # SD AutoencoderKL: 8x spatial downsampling, 4 latent channels
-VAE_CHANNELS = 4
 
 _TRUE = ("true", "t", "yes", "y", "on", "1")
 _FALSE = ("false", "f", "no", "n", "off", "0")
@@ -137,7 +137,7 @@ def base_config() -> ConfigDict:
     config.data.random_flip = True
     config.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
     config.data.prefetch = 2  # batches transferred to the devices ahead of the step (0: none)
-    config.data.latent_scale = 0.18215  # z = latent_scale * (mean + std * eps), drawn fresh every step
+    config.data.latent_scale = SD_VAE_SCALE  # z = latent_scale * (mean + std * eps), drawn fresh every step
     config.data.vae = "stabilityai/sd-vae-ft-ema"
 
     config.optim = ConfigDict()
