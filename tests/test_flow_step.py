@@ -158,6 +158,17 @@ def _sample_the_ddt_run(run, capsys) -> None:
     from dit_jax.train.export import load_ema_model
 
     ema, config, step = load_ema_model(run)
+    # sampling reads only the weights: the bytes restored are the EMA's (and the model's small non-param state),
+    # not the optimizer's moments, the trained params or REPA's frozen target encoder
+    from dit_jax.train.export import restore_run, weights_only
+    from dit_jax.train.optim import ema_params
+
+    _, _, weights = restore_run(run, only=weights_only)
+    _, _, full = restore_run(run)
+    nbytes = lambda tree: sum(int(x.nbytes) for x in jax.tree.leaves(tree) if hasattr(x, "nbytes"))  # noqa: E731
+    ema_bytes = nbytes(ema_params(full.state["opt_state"]))
+    assert ema_bytes <= nbytes(weights.state) <= 1.2 * ema_bytes, (nbytes(weights.state), ema_bytes)
+    assert nbytes(full.state) > 3 * ema_bytes  # what it used to read
     loaded = load_flow_model(str(run))
     assert isinstance(loaded.model, DDT) and loaded.pixel_space and loaded.image_size == 16 and step == 6
     assert loaded.name == f"{run.name}-step0000006" and loaded.time_scale == 1.0

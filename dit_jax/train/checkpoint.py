@@ -383,7 +383,8 @@ class Checkpointer:
         """Restore `step` (None: the newest step that restores, falling back past corrupt ones with a warning).
 
         abstract_state: the state's tree of jax.ShapeDtypeStruct (with .sharding) or arrays; the result has the
-        same tree structure (NamedTuples included), dtypes and shardings. None restores the raw saved tree (dicts
+        same tree structure (NamedTuples included), dtypes and shardings. Leaves given as SKIP are not read (they
+        stay SKIP in the result). None restores the raw saved tree (dicts
         and lists in place of NamedTuples and tuples; orbax picks the shardings): for inspection, not training.
         Raises CheckpointMismatchError if the tree/shapes differ, CheckpointError if nothing can be restored."""
         deadline = time.monotonic() + READER_PATIENCE_S
@@ -457,17 +458,29 @@ class Checkpointer:
 
     def _restore_step(self, step: int, abstract_state: PyTree) -> Restored:
         d = self.step_dir(step)
-        items: dict[str, Any] = dict(state=ocp.args.StandardRestore(abstract_state))
+        partial = abstract_state is not None and any(leaf is SKIP for leaf in jax.tree.leaves(abstract_state))
+        items: dict[str, Any] = {} if partial else dict(state=ocp.args.StandardRestore(abstract_state))
         for name in ("data", "config"):
             if (d / name).exists():
                 items[name] = ocp.args.JsonRestore()
-        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        out = self._mngr.restore(step, args=ocp.args.Composite(**items)) if items else {}
+        state = self._restore_partial(d / "state", abstract_state) if partial else out["state"]
         return Restored(
             step=step,
-            state=out["state"],
+            state=state,
             data_state=out["data"] if "data" in items else None,
             config=out["config"] if "config" in items else None,
         )
+
+    @staticmethod
+    def _restore_partial(path: epath.Path, abstract_state: PyTree) -> PyTree:
+        """Only the leaves of `abstract_state` that are not SKIP are read (SKIP stays in their place): orbax's
+        PyTree handler with placeholders (StandardRestore refuses them), on the same files."""
+        restore_args = jax.tree.map(
+            lambda a: a if a is SKIP else ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                                               dtype=a.dtype), abstract_state)
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(path, args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args))
 
     def _quarantine(self, steps: list[int]) -> None:
         """Move corrupt steps aside (`<step>.corrupt-<time>`): the resumed run will save these step numbers again,
@@ -543,6 +556,9 @@ class Checkpointer:
 
 
 TMP_SUFFIX = ocp.step.TMP_DIR_SUFFIX
+# a leaf of the abstract state given to restore() that is not read (orbax's placeholder): readers that need only
+# part of the state (the EMA weights to sample) restore only that part
+SKIP = ocp.PLACEHOLDER
 
 
 class _StepVanished(Exception):

@@ -8,8 +8,9 @@ The run's config comes from the checkpoint itself (the "config" item the trainer
 the model is rebuilt exactly as trained; the EMA parameters replace the trained ones (as the official
 sample.py loads `checkpoint["ema"]`). The run is opened read-only, so reading a live run never disturbs its
 trainer; a corrupt newest checkpoint (a missing or altered file: checked against its checksums) falls back to the
-previous one with a warning and stays where it is (dit_jax.train.checkpoint.Checkpointer.restore). A run trained with REPA restores its whole state (the REPA target
-encoder included) and returns the DDT, whose projector sampling never calls.
+previous one with a warning and stays where it is (dit_jax.train.checkpoint.Checkpointer.restore). Only the
+weights are read (`weights_only`: the EMA params and the model's non-param state), not Adam's moments, the other
+params copy or a REPA run's frozen target encoder; a REPA run returns the DDT, whose projector sampling never calls.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax.models import DDT, DiT
-from dit_jax.train.checkpoint import Checkpointer, CheckpointError, Restored
+from dit_jax.train.checkpoint import SKIP, Checkpointer, CheckpointError, Restored
 from dit_jax.train.config_io import config_from_dict
-from dit_jax.train.optim import ema_params, make_optimizer
+from dit_jax.train.optim import EmaState, ema_params, make_optimizer
 from dit_jax.train.state import abstract_state
 
 
@@ -54,9 +55,28 @@ def _saved_config(ckpt_dir: Path, steps: list[int]) -> dict[str, Any]:
     raise CheckpointError(f"no readable config saved with the checkpoints in {ckpt_dir}")
 
 
-def restore_run(path: str | os.PathLike, step: int | None = None) -> tuple[Any, Any, Restored]:
+def weights_only(abstract: dict, *, use_ema: bool = True) -> dict:
+    """The abstract train state with every leaf but the model's weights marked SKIP: the EMA params inside the
+    optimizer state (use_ema) or the trained params, and the model's non-param state ("rest"). Adam's moments, the
+    other copy of the params, REPA's frozen target encoder, the step and the rng are not read."""
+    def skip(tree: Any) -> Any:
+        return jax.tree.map(lambda _: SKIP, tree)
+
+    out = {k: skip(v) for k, v in abstract.items()}
+    out["rest"] = abstract["rest"]
+    if use_ema:
+        out["opt_state"] = jax.tree.map(lambda x: x if isinstance(x, EmaState) else skip(x), abstract["opt_state"],
+                                        is_leaf=lambda x: isinstance(x, EmaState))
+    else:
+        out["params"] = abstract["params"]
+    return out
+
+
+def restore_run(path: str | os.PathLike, step: int | None = None, *,
+                only: Callable[[dict], dict] | None = None) -> tuple[Any, Any, Restored]:
     """-> (graphdef, the run's config, Restored) of a training run's checkpoint (newest complete step by default),
-    restored onto this process's first device whatever topology wrote it."""
+    restored onto this process's first device whatever topology wrote it. only: abstract state -> the same with
+    SKIP where nothing is to be read (e.g. `weights_only`); those leaves stay SKIP in Restored.state."""
     ckpt_dir = checkpoint_dir(path)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{path}: no such training run (expected a workdir with checkpoints/)")
@@ -68,7 +88,7 @@ def restore_run(path: str | os.PathLike, step: int | None = None) -> tuple[Any, 
         graphdef, abstract = abstract_state(config.model, make_optimizer(config.optim), config.seed, config.repa)
         replicated = NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("d",)), P())
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-        return graphdef, config, ckpt.restore(abstract, step)
+        return graphdef, config, ckpt.restore(only(abstract) if only else abstract, step)
 
 
 def load_ema_model(
@@ -80,7 +100,8 @@ def load_ema_model(
     fixed = sorted(set(overrides) - {"dtype", "attn_impl", "remat_policy"})
     if fixed:
         raise ValueError(f"{fixed} cannot be overridden when loading a training run")
-    graphdef, config, restored = restore_run(path, step)
+    # only the weights sampling uses are read (not Adam's moments, nor REPA's frozen encoder: ~4x the model)
+    graphdef, config, restored = restore_run(path, step, only=lambda a: weights_only(a, use_ema=use_ema))
     state = restored.state
     params = ema_params(state["opt_state"]) if use_ema else state["params"]
     model = nnx.merge(graphdef, params, state["rest"])
