@@ -6,9 +6,12 @@ import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image
+
+from dit_jax.paths import atomic_write
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -32,19 +35,15 @@ def make_grid(images: np.ndarray, nrow: int, padding: int = 2, pad_value: int = 
     return grid
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """write(tmp) into a temporary file beside `path`, then rename it over `path`; the temporary file is removed if
-    anything fails (a full disk, an interrupt). A folder at `path` is refused before anything is written."""
+def _write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """write(f) into a temporary file beside `path`, then rename it over `path` (dit_jax.paths.atomic_write: the
+    temporary file is removed if anything fails, a full disk, an interrupt). A folder at `path` is refused before
+    anything is written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        write(f)
     return path
 
 
@@ -54,14 +53,9 @@ def save_png(image: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> Pa
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     if upscale > 1:
         pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.NEAREST)
-    return _write_atomically(Path(path), lambda tmp: pil.save(tmp, format="PNG"))
+    return _write_atomically(Path(path), lambda f: pil.save(f, format="PNG"))
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     """np.savez(path, **arrays) atomically, to exactly `path` (np.savez given a name adds ".npz" to one without)."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    return _write_atomically(Path(path), write)
+    return _write_atomically(Path(path), lambda f: np.savez(f, **arrays))  # a file object: no ".npz" added

@@ -4,6 +4,8 @@ Inputs: `check_input_file`, `check_input_folder`, `check_input_exists` (it exist
 Outputs: `check_output_file`, `check_output_folder` (it is not of the wrong kind and can be written: probed by
 creating and removing a temporary file, since permission bits tell root nothing, nor anyone about a read-only file
 system). A sampling or conversion run can take hours: a path it could not use fails at once, not at the end.
+Writing: `atomic_write` (and `atomic_path`, `write_text_atomic`): a file written through a temporary file beside
+it and renamed over it, so that readers see the old file or the whole new one, never half of one.
 
 Every check names the path with what the user typed for it (`flag`: "--out", "OUTPUT_DIR", "image folder", ...)
 and says what to do. The problems are PathErrors: OSErrors with the errno and file name of the problem, of the
@@ -14,11 +16,14 @@ another class (CheckpointReadError, NpzFormatError): the message is the same.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 PROBE_PREFIX = ".dit-jax-write-test-"
 
@@ -160,3 +165,47 @@ def check_output_folder(path: str | os.PathLike, flag: str, *, create: bool = Fa
                f"{_IN_THE_WAY})", p)
     _check_writable(p.parent if renamed else p, _subject(p, flag), create=create and not renamed)
     return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic writes: the one implementation of "write a temporary file beside the target, then os.replace".
+# ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside `path` for a writer that opens files by name; when the block ends without an error
+    whatever was written there is os.replace'd over `path`, and on an error (an interrupt included) it is removed
+    and `path` is untouched. The name (".<name>.tmp-<pid>-<random>") starts with "." so that listings and globs of
+    the folder (ls, glob.glob; not pathlib's glob) pass over it. Nothing is created here, nor the folder; see
+    atomic_write for a file object."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = False,
+                 **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Write `path` through a temporary file in the same folder (see atomic_path), os.replace'd over it when the
+    block ends without an error: readers see the old file or the whole new one; on an error the temporary file is
+    removed and the target is untouched. mode: "wb" or "w" (with open's other arguments: encoding=...); fsync:
+    flush the data to disk before the rename."""
+    if "w" not in mode or any(c in mode for c in "ax+"):
+        raise ValueError(f"atomic_write writes a new file: mode 'w' or 'wb', not {mode!r}")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode.replace("w", "x"), **open_kwargs) as f:  # "x": never another writer's temporary file
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` atomically (atomic_write); returns the path."""
+    with atomic_write(path, "w", fsync=fsync, encoding=encoding) as f:
+        f.write(text)
+    return Path(path)

@@ -39,7 +39,7 @@ import numpy as np
 from dit_jax import distributed
 from dit_jax.errors import UsageError
 from dit_jax.evaluate.npz import write_npz_stream
-from dit_jax.paths import check_output_file, check_output_folder
+from dit_jax.paths import atomic_write, check_output_file, check_output_folder, write_text_atomic
 from dit_jax.sample import Sampler, SampleSettings, data_mesh, example_keys
 
 MANIFEST = "manifest.json"
@@ -81,13 +81,8 @@ def read_shard(path: Path, expected: range, image_shape: tuple[int, ...] | None 
 
 
 def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, indices: range) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    try:
-        np.savez(tmp, images=images, labels=labels, indices=np.arange(indices.start, indices.stop))
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: no half-written file left behind
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:  # a full disk, an interrupt: no half-written file left behind
+        np.savez(f, images=images, labels=labels, indices=np.arange(indices.start, indices.stop))
 
 
 def check_manifest(folder: Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any]:
@@ -109,9 +104,7 @@ def check_manifest(folder: Path, manifest: dict[str, Any], overwrite: bool) -> d
         for old in folder.glob("shard_*.npz"):
             old.unlink()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, file)
+    write_text_atomic(file, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

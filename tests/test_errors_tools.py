@@ -345,3 +345,34 @@ def test_extract_latents_on_a_full_disk(inputs, tmp_path, capfd, quick_network, 
     assert_clean_error(rc, text, "extract-latents", "No space left on device", "latents-00000-of-00001",
                        "the disk is full")
     assert list(out.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dit_jax.paths.atomic_write: the one atomic write every writer above uses.
+# ----------------------------------------------------------------------------------------------------------
+def test_atomic_write_replaces_on_success_and_leaves_the_old_file_on_error(tmp_path):
+    import glob
+
+    from dit_jax.paths import atomic_path, atomic_write, write_text_atomic
+
+    target = tmp_path / "out.json"
+    target.write_text("old\n")
+    with atomic_write(target, "w") as f:
+        f.write("new")
+        assert target.read_text() == "old\n"  # readers see the old file until the block ends
+        (tmp,) = [p for p in tmp_path.iterdir() if p != target]
+        assert tmp.name.startswith(".out.json.tmp-") and glob.glob(str(tmp_path / "*")) == [str(target)]
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+    for fail in (lambda: atomic_write(target, "wb", fsync=True), lambda: atomic_path(target)):
+        with pytest.raises(KeyboardInterrupt):  # an interrupt, too, leaves no temporary file behind
+            with fail() as f:
+                f.write_bytes(b"half") if isinstance(f, Path) else f.write(b"half")
+                raise KeyboardInterrupt
+        assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+    assert write_text_atomic(tmp_path / "new.txt", "text\n", fsync=True).read_text() == "text\n"
+    with pytest.raises(ValueError, match="mode"):
+        with atomic_write(target, "a"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.txt", "out.json"]

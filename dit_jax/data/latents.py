@@ -52,6 +52,7 @@ import numpy as np
 from flax import serialization
 
 from dit_jax.constants import SD_VAE_SCALE
+from dit_jax.paths import atomic_path, write_text_atomic
 
 log = logging.getLogger("dit_jax.data")
 
@@ -143,13 +144,7 @@ def _writer_os_error(e: RuntimeError, path: Path) -> OSError | None:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", fsync=True)
 
 
 def write_latents(
@@ -174,43 +169,40 @@ def write_latents(
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype("float32"), np.dtype("float16")):
         raise ValueError(f"latents are stored as float32 or float16, not {dtype}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count, shape, flip, image_shape = 0, None, None, None
     try:
-        writer = ArrayRecordWriter(str(tmp), "group_size:1")
-    except RuntimeError as e:
+        with atomic_path(path) as tmp:  # renamed over `path` once all is written; removed if anything fails
+            writer = ArrayRecordWriter(str(tmp), "group_size:1")
+            try:
+                for rec in records:
+                    mean, logvar, label, mean_flip, logvar_flip, image = _as_record_tuple(rec)
+                    has_flip = mean_flip is not None
+                    this_image = None if image is None else tuple(np.shape(image))
+                    if flip is None:
+                        flip, shape, image_shape = has_flip, tuple(np.shape(mean)), this_image
+                    if has_flip != flip:
+                        raise ValueError(f"record {count}: either every record has the flip moments or none does")
+                    if tuple(np.shape(mean)) != shape:
+                        raise ValueError(f"record {count} has latent shape {np.shape(mean)}, the first had {shape}")
+                    if this_image != image_shape:
+                        raise ValueError(f"record {count} has image shape {this_image}, the first had {image_shape} "
+                                         "(every record stores its image, or none does)")
+                    writer.write(encode_latent_record(mean, logvar, label, mean_flip, logvar_flip, image=image,
+                                                      dtype=dtype))
+                    count += 1
+                writer.close()
+            except BaseException:
+                try:
+                    writer.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
+            if count == 0:
+                raise ValueError(f"write_latents({str(path)!r}): no records")
+    except RuntimeError as e:  # from ArrayRecordWriter: a full disk or a permission problem reads as one
         if (os_error := _writer_os_error(e, path)) is None:
             raise
         raise os_error from e
-    try:
-        for rec in records:
-            mean, logvar, label, mean_flip, logvar_flip, image = _as_record_tuple(rec)
-            has_flip = mean_flip is not None
-            this_image = None if image is None else tuple(np.shape(image))
-            if flip is None:
-                flip, shape, image_shape = has_flip, tuple(np.shape(mean)), this_image
-            if has_flip != flip:
-                raise ValueError(f"record {count}: either every record has the flip moments or none does")
-            if tuple(np.shape(mean)) != shape:
-                raise ValueError(f"record {count} has latent shape {np.shape(mean)}, the first had {shape}")
-            if this_image != image_shape:
-                raise ValueError(f"record {count} has image shape {this_image}, the first had {image_shape} "
-                                 "(every record stores its image, or none does)")
-            writer.write(encode_latent_record(mean, logvar, label, mean_flip, logvar_flip, image=image, dtype=dtype))
-            count += 1
-        writer.close()
-        if count == 0:
-            raise ValueError(f"write_latents({str(path)!r}): no records")
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            writer.close()
-        except Exception:  # noqa: BLE001
-            pass
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, RuntimeError) and (os_error := _writer_os_error(e, path)) is not None:
-            raise os_error from e
-        raise
     full = dict(meta)
     full.setdefault("scale", LATENT_SCALE)
     full.update(format=FORMAT, count=count, latent_shape=list(shape), dtype=dtype.name, flip=bool(flip),

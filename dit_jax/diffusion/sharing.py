@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from dit_jax.paths import write_text_atomic
 
 SCHEDULE_FORMAT = "dit-jax/ddt-sharing-schedule"
 SCHEDULE_VERSION = 1
@@ -218,19 +219,8 @@ def save_schedule(path: str | os.PathLike[str], schedule: Sequence[int], **meta:
         text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"schedule metadata for {path} is not JSON-serialisable: {e}") from e
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".sharing-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomic(path, text + "\n", fsync=True)
 
 
 def load_schedule(path: str | os.PathLike[str]) -> tuple[list[int], dict[str, Any]]:

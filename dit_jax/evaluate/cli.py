@@ -62,11 +62,11 @@ def resolve_weights(path: str | None) -> Path:
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
+    from dit_jax.paths import write_text_atomic
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(payload, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

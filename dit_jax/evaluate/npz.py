@@ -28,7 +28,7 @@ from typing import IO, Any
 import numpy as np
 
 from dit_jax.evaluate.fid import FIDStatistics
-from dit_jax.paths import check_input_file
+from dit_jax.paths import atomic_write, check_input_file
 
 IMAGES_KEY = "arr_0"
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -200,16 +200,8 @@ def read_reference_statistics(path: str | os.PathLike) -> tuple[FIDStatistics, F
 # ----------------------------------------------------------------------------------------------------------
 def _atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.savez does not append ".npz" to it
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb", fsync=True) as f:  # a file object: np.savez does not append ".npz" to it
+        np.savez(f, **arrays)
     return path
 
 
@@ -245,11 +237,10 @@ def write_npz_stream(path: str | os.PathLike, chunks: Iterable[np.ndarray], shap
     """Write `arr_0` (uint8, `shape`) from consecutive chunks into an uncompressed .npz, as np.savez lays it out,
     without holding the whole array (50k x 256 x 256 x 3 is 9.8 GB). Atomic: temp file, then rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
     written = 0
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_write(path, "wb") as out:
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(f, header)
                 for chunk in chunks:
@@ -260,8 +251,4 @@ def write_npz_stream(path: str | os.PathLike, chunks: Iterable[np.ndarray], shap
                     written += len(chunk)
         if written != shape[0]:
             raise ValueError(f"wrote {written} images, expected {shape[0]}")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

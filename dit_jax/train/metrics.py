@@ -19,12 +19,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from dit_jax.paths import atomic_write
 
 __all__ = [
     "MetricWriter",
@@ -52,17 +53,11 @@ def _scalar(value: Any) -> float | int:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """write(tmp_path) then rename onto path, so readers never see a half-written file."""
+    """write(f) into a temporary file, then rename it onto path (dit_jax.paths.atomic_write), so readers never see
+    a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        write(f)
 
 
 # ==========================================================================================================
@@ -161,7 +156,7 @@ class MetricWriter:
             raise ValueError(f"write_images expects an (H, W[, 1|3|4]) image, got shape {arr.shape}")
         self._tb.add_image(name, arr if arr.ndim == 3 else arr[..., None], global_step=int(step), dataformats="HWC")
         path = self.local_dir / "samples" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}_{int(step):07d}.png"
-        _atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+        _atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
         self._maybe_sync()
         return path
 
@@ -460,7 +455,7 @@ def plot_loss(
             draw.text((lx + 26, ly), label, fill=(0, 0, 0), font=font, anchor="lm")
 
     png_path = Path(png_path)
-    _atomic_write(png_path, lambda tmp: img.save(tmp, format="PNG"))
+    _atomic_write(png_path, lambda f: img.save(f, format="PNG"))
     return png_path
 
 

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
 
+from dit_jax.paths import write_text_atomic
+
 log = logging.getLogger("dit_jax.weights")
 
 # Tunables, read at call time (tests and callers may change them): seconds per socket operation, retries after
@@ -101,10 +103,7 @@ def read_record(dest: Path) -> str | None:
 
 def write_record(dest: Path, digest: str) -> None:
     """Write `<dest>.sha256` atomically, in sha256sum format."""
-    rec = record_path(dest)
-    tmp = rec.with_name(f".{rec.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{digest}  {dest.name}\n")
-    os.replace(tmp, rec)
+    write_text_atomic(record_path(dest), f"{digest}  {dest.name}\n")
 
 
 _READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
