@@ -91,7 +91,10 @@ def test_dit_imagenet_has_the_papers_numbers():
     assert c.data.random_flip and c.data.latent_scale == 0.18215 and c.data.vae == "stabilityai/sd-vae-ft-ema"
     assert (c.data.source, c.data.image_size) == ("latents", 256)
     assert load_config("configs/dit_imagenet.py:variant=XL/2,res=512").model.input_size == 64
-    assert load_config("configs/dit_imagenet.py:variant=S/4,source=tfds").data.source == "tfds"
+    # images for a latent model: the trainer does not VAE-encode on the fly, so the config says what to use instead
+    for source in ("tfds", "folder"):
+        with pytest.raises(ValueError, match=r"does not VAE-encode them on the fly: extract latents"):
+            load_config(f"configs/dit_imagenet.py:variant=S/4,source={source}")
     with pytest.raises(ValueError, match="unknown DiT variant"):
         load_config("configs/dit_imagenet.py:variant=XXL/2")
 

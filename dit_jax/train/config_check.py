@@ -209,9 +209,10 @@ def validate_config(config: ConfigDict, *, changed: Iterable[str] = ()) -> None:
                       f"({data.image_size // VAE_DOWNSAMPLE}) and model.in_channels = {VAE_CHANNELS}; "
                       f"got ({m.input_size}, {m.in_channels})")
     elif data.source in ("tfds", "folder"):
-        check(pixel or latent, f"model.input_size/in_channels ({m.input_size}, {m.in_channels}) fit neither pixel "
-                               f"space ({data.image_size}, {data.channels}) nor VAE latents "
-                               f"({data.image_size // VAE_DOWNSAMPLE}, {VAE_CHANNELS})")
+        check(pixel, f"data.source={data.source!r} yields {data.image_size}x{data.image_size}x{data.channels} images, "
+                     f"and the trainer does not VAE-encode them on the fly: extract latents with `dit-jax "
+                     f"extract-latents` and train with data.source='latents', or train in pixel space (model.input_size="
+                     f"{data.image_size}, model.in_channels={data.channels})")
     # data.path / data_dir are checked when the data is opened (a runlocal smoke test may not have them).
 
     # --- optimizer
@@ -255,8 +256,7 @@ def validate_config(config: ConfigDict, *, changed: Iterable[str] = ()) -> None:
 
 def check_run(config: ConfigDict, device_count: int) -> None:
     """What only a starting run can check: raise ConfigError unless the mesh (mesh.data x mesh.fsdp) covers the
-    `device_count` devices of the job, train.global_batch splits evenly over them, and the trainer can feed the
-    data to the model (it does not VAE-encode images on the fly: tfds / folder data must be pixel-space)."""
+    `device_count` devices of the job and train.global_batch splits evenly over them."""
     errors: list[str] = []
     data, fsdp = config.mesh.data, config.mesh.fsdp
     if fsdp >= 1 and device_count % fsdp:
@@ -267,10 +267,4 @@ def check_run(config: ConfigDict, device_count: int) -> None:
     if config.train.global_batch % device_count:
         errors.append(f"train.global_batch={config.train.global_batch} is not divisible by the {device_count} "
                       f"devices of this job: use a multiple of {device_count}")
-    m, d = config.model, config.data
-    if d.source in ("tfds", "folder") and (m.input_size, m.in_channels) != (d.image_size, d.channels):
-        errors.append(f"data.source={d.source!r} yields {d.image_size}x{d.image_size}x{d.channels} images, and the "
-                      f"trainer does not VAE-encode them on the fly: extract latents with `dit-jax extract-latents` "
-                      f"and train with data.source='latents', or train in pixel space (model.input_size="
-                      f"{d.image_size}, model.in_channels={d.channels})")
     _raise(errors)
