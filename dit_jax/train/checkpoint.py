@@ -144,8 +144,10 @@ def sha256_file(path: epath.Path) -> str:
     return h.hexdigest()
 
 
-def _hash_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+def _sum_files(d: epath.Path, names: list[str]) -> dict[str, str]:
+    """{name: SHA-256 of d / name}, the files summed in parallel (hashlib releases the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        return dict(zip(names, pool.map(lambda f: sha256_file(d / f), names)))
 
 
 class Checkpointer:
@@ -286,8 +288,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         sizes = self._list_files(d)
         summed = sorted(f for f in sizes if f not in UNSUMMED)
-        with concurrent.futures.ThreadPoolExecutor(_hash_workers()) as pool:  # hashlib releases the GIL
-            sums = dict(zip(summed, pool.map(lambda f: sha256_file(d / f), summed)))
+        sums = _sum_files(d, summed)
         files = {f: ({"size": n, "sha256": sums[f]} if f in sums else {}) for f, n in sizes.items()}
         manifest = dict(format=MANIFEST_FORMAT, step=step, algorithm="sha256", files=files,
                         summed_bytes=sum(sizes[f] for f in summed), seconds=round(time.perf_counter() - t0, 3))
@@ -351,8 +352,7 @@ class Checkpointer:
                     altered.append(f)
         if checksums and not missing and not resized:
             summed = sorted(f for f, e in expected.items() if "sha256" in e)
-            with concurrent.futures.ThreadPoolExecutor(_hash_workers()) as pool:
-                actual = dict(zip(summed, pool.map(lambda f: sha256_file(d / f), summed)))
+            actual = _sum_files(d, summed)
             altered += [f for f in summed if actual[f] != expected[f]["sha256"]]
         if not missing and not resized and not altered:
             return None
