@@ -176,8 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def register(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("train", "sample"))
     p.add_argument("--variant", default="S/2", help="S|B|L|XL / 2|4|8 (default S/2)")
     p.add_argument("--batch", type=_int_at_least(1), default=32, help="global batch (images)")

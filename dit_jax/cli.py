@@ -1,5 +1,5 @@
 """The `dit-jax` command line: one command table (COMMANDS). Each command lives in the module the table names,
-which exposes `register(subparsers)`: it adds its parser (the table supplies its one-line help) and sets
+which exposes `register(subparsers, name)`: it adds the parser of command `name` (the table supplies its one-line help) and sets
 `func(args) -> int` as the default. Only the command being run is imported.
 
 Errors follow one convention (dit_jax/errors.py): a command raises, and `main` prints one line
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from dit_jax import errors
 
-# The command table: name -> (the module whose `register(subparsers)` defines its parser, the one-line help
+# The command table: name -> (the module whose `register(subparsers, name)` defines its parser, the one-line help
 # `dit-jax --help` shows), in the order it lists them. A module is imported only when its command runs (or shows
 # its --help): `dit-jax --help` imports neither jax nor any command module.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,7 +65,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub.required = True
     for name, (module, _) in COMMANDS.items():
         if name == command:
-            importlib.import_module(module).register(sub)
+            importlib.import_module(module).register(sub, name)
         else:
             sub.add_parser(name)
     return parser

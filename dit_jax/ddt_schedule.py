@@ -95,8 +95,8 @@ def cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("ddt-schedule", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def register(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", help=f"DDT-S/2 | DDT-B/2 | DDT-L/2 | DDT-XL/2 of a checkpoint or --random-init "
                    f"(default {DEFAULT_VARIANT}; a training run's comes from its config)")
     p.add_argument("--checkpoint", help="a DDT checkpoint (.ckpt/.pt from MCG-NJU, or .safetensors), or a dit-jax "

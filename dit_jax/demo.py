@@ -22,8 +22,8 @@ import numpy as np
 REPO_CONFIG = "configs/digits.py"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo")
+def register(subparsers: argparse._SubParsersAction, name: str) -> None:
+    p = subparsers.add_parser(name)
     p.add_argument("--workdir", default="runs/digits", help="output folder (default: runs/digits)")
     p.add_argument("--config", default=REPO_CONFIG, help=f"config file (default: {REPO_CONFIG})")
     p.add_argument("--per-class", type=int, default=20, help="samples per class (default 20)")

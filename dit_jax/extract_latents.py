@@ -189,8 +189,8 @@ def _finished(path: Path, flip: bool, store_images: bool, image_size: int) -> bo
     return True
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("extract-latents", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def register(subparsers: argparse._SubParsersAction, name: str) -> None:
+    p = subparsers.add_parser(name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", required=True, help="ema | mse (downloaded once into the cache) or a diffusers VAE folder")
     p.add_argument("--source", choices=("tfds", "folder"), required=True)
     p.add_argument("--name", default="imagenet2012", help="TFDS name")

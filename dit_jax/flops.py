@@ -228,10 +228,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # CLI: `dit-jax flops`
 # --------------------------------------------------------------------------------------------------------------
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def register(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     """Add the `flops` subcommand to a `dit-jax` subparsers object."""
     parser = subparsers.add_parser(
-        "flops",
+        name,
         description=(
             "Print one row per DiT variant (S, B, L, XL x patch 8, 4, 2): trainable parameters in millions (the "
             "fixed pos_embed excluded, as in the paper's Table 4) and GFLOPs of one batch-1 forward pass counted as "

@@ -289,8 +289,8 @@ def check_checkpoint_arg(ckpt: str, flag: str, *, folders: bool) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # dit-jax sample
 # ----------------------------------------------------------------------------------------------------------
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("sample", description=__doc__,
+def register(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cfg_scale=4.0, vae="mse")
     p.add_argument("--labels", help="comma-separated class ids (default: the official sample.py's 8 classes)")

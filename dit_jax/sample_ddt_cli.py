@@ -210,8 +210,8 @@ def _run_fid(args: argparse.Namespace, loaded: Any, vae: str, sampler: Any, sett
     return 0
 
 
-def register(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("sample-ddt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def register(sub: Any, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="DDT checkpoint (MCG-NJU Lightning .ckpt/.pt, or .safetensors), or a dit-jax "
                    "training run trained with objective=flow (a DDT or a SiT-style DiT; its EMA weights)")
     p.add_argument("--variant", help=f"DDT-S/2 | DDT-B/2 | DDT-L/2 | DDT-XL/2 of a checkpoint or --random-init "

@@ -203,10 +203,10 @@ def assemble(folder: Path, ranges: list[range]) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------------------------------------
-def register(subparsers: Any) -> argparse.ArgumentParser:
+def register(subparsers: Any, name: str) -> argparse.ArgumentParser:
     from dit_jax.sample_cli import add_common_args
 
-    p = subparsers.add_parser("sample-fid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, cfg_scale=1.5, vae="ema")
     p.add_argument("--num-samples", type=int, default=50_000, help="default 50,000")
     p.add_argument("--per-device-batch", type=int, default=32, help="samples per device per call (default 32)")

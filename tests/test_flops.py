@@ -304,7 +304,7 @@ def test_xla_cost_analysis(label, cfg):
 # --------------------------------------------------------------------------------------------------------------
 def _run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dit-jax")
-    flops.register(parser.add_subparsers(dest="command"))
+    flops.register(parser.add_subparsers(dest="command"), "flops")
     args = parser.parse_args(["flops", *argv])
     return args.func(args)
 

@@ -403,9 +403,9 @@ def load_converted(path: str | os.PathLike, **overrides: Any) -> DiT:
 # ----------------------------------------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------------------------------------
-def register(subparsers: Any) -> argparse.ArgumentParser:
+def register(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "convert",
+        name,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="official .pt (release or train.py checkpoint) or diffusers model folder")

@@ -31,9 +31,9 @@ from dit_jax import distributed
 DEFAULT_BATCH_SIZE = 256  # = dit_jax.evaluate.evaluator.DEFAULT_BATCH_SIZE; heavy imports wait for run()
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
+def register(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", help="sample batch .npz (arr_0 uint8 (N, H, W, 3))")
     p.add_argument("reference", help="reference batch .npz (arr_0, optionally mu, sigma, mu_s, sigma_s)")
     p.add_argument("--inception-weights", default=None,

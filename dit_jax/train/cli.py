@@ -17,9 +17,9 @@ from typing import Any, Callable
 from dit_jax import distributed
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     p = subparsers.add_parser(
-        "train",
+        name,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config file, optionally with ':arg' (e.g. configs/dit_imagenet.py:variant=XL/2)")

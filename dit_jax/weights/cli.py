@@ -20,10 +20,10 @@ from dit_jax.weights.pretrained import converted_dit, download
 from dit_jax.weights.registry import ALIASES, REGISTRY, Entry, UnknownWeightsError, resolve_name
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
+def register(subparsers: Any, name: str) -> argparse.ArgumentParser:
     """Add the `download` subcommand; its `func(args) -> int` is `run`."""
     p = subparsers.add_parser(
-        "download",
+        name,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", metavar="NAME", help="a registry name or alias (see --list), e.g. DiT-XL/2-256, ema")
