@@ -20,6 +20,7 @@ setup(
         "ml-collections==1.1.0",
         "numpy>=2.0",
         "pillow>=10",
+        "matplotlib>=3.8",  # the loss chart (dit_jax.train.chart), Agg canvas
         "safetensors>=0.4",
         "tqdm>=4.60",
         "grain==0.2.18",

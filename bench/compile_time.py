@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from dit_jax.diffusion import create_diffusion
-from dit_jax.train.config_io import load_config
+from dit_jax.train.config_load import load_config
 from dit_jax.train.optim import make_optimizer
 from dit_jax.train.state import abstract_state
 from dit_jax.train.step import make_train_step

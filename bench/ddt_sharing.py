@@ -2,8 +2,8 @@
 
     python bench/ddt_sharing.py --variant DDT-S/2 --res 256 --batch 2 --num-steps 50 --refresh-rate 4
 
-Random weights (speed does not depend on them). Times the whole sampler (dit_jax.sample_ddt.DDTSampler, Euler,
-CFG 2.0 on [uncond | cond]) after one warm-up run per schedule, for: every step (the plain sampler), uniform
+Random weights (speed does not depend on them). Times the whole sampler (dit_jax.sampling.Sampler, Euler,
+CFG 2.0 on [cond | uncond] pairs) after one warm-up run per schedule, for: every step (the plain sampler), uniform
 sharing every refresh_rate steps, and the DP schedule with the same number of encoder calls. The FLOP bound is
 N (enc + dec) / (N dec + K enc), with enc and dec the traced MACs of one encoder and one decoder call.
 """
@@ -11,6 +11,7 @@ N (enc + dec) / (N dec + K enc), with enc and dec the traced MACs of one encoder
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -18,12 +19,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dit_jax import flops
-from dit_jax.ddt_schedule import compute_schedule
-from dit_jax.diffusion import flow
 from dit_jax.diffusion.sharing import uniform_schedule
 from dit_jax.models.ddt import DDT_models
-from dit_jax.sample_ddt import DDTSampler
+from dit_jax.perf import flops
+from dit_jax.sampling import SampleSettings, Sampler, example_keys
+from dit_jax.sampling.schedule import compute_schedule
 
 
 def main() -> None:
@@ -37,7 +37,8 @@ def main() -> None:
     a = p.parse_args()
 
     model = DDT_models[a.variant](input_size=a.res // 8, rngs=nnx.Rngs(0))
-    settings = flow.FlowSampleSettings(num_steps=a.num_steps, cfg_scale=2.0, interval_min=0.3, last_step=0.04)
+    settings = SampleSettings(sampler="euler", num_steps=a.num_steps, cfg_scale=2.0, interval_min=0.3,
+                              last_step=0.04)
     n, k = a.num_steps, a.num_steps // a.refresh_rate
     side = model.input_size
     x = jax.random.normal(jax.random.key(0), (2 * a.batch, side, side, model.in_channels))
@@ -48,16 +49,16 @@ def main() -> None:
 
     schedules = {"every step": None, f"uniform every {a.refresh_rate}": uniform_schedule(n, a.refresh_rate)[:k]}
     schedules[f"DP, {k} encoder calls"] = compute_schedule(model, settings, k, batch=8)["schedule"]
-    noise = jax.random.normal(jax.random.key(1), (a.batch, side, side, model.in_channels))
+    keys = example_keys(1, range(a.batch))
     labels = np.arange(a.batch) % model.num_classes
     rows = {}
     for name, sched in schedules.items():
-        sampler = DDTSampler(model, settings, schedule=sched)
-        jax.block_until_ready(sampler(labels, noise))  # compile both functions
+        sampler = Sampler(model, dataclasses.replace(settings, schedule=sched))  # None: the plain Euler sampler
+        jax.block_until_ready(sampler(labels, keys))  # compile
         times = []
         for _ in range(a.repeats):
             t0 = time.perf_counter()
-            jax.block_until_ready(sampler(labels, noise))
+            jax.block_until_ready(sampler(labels, keys))
             times.append(time.perf_counter() - t0)
         rows[name] = min(times)
     base = rows["every step"]

@@ -2,7 +2,7 @@
 
     python bench/roofline.py              # the markdown table in BENCHMARKS.md
 
-Work per step: 3 x forward FLOPs (2 x MACs from dit_jax.flops, the paper's 118.6 GMACs at 256 px) x 256.
+Work per step: 3 x forward FLOPs (2 x MACs from dit_jax.perf.flops, the paper's 118.6 GMACs at 256 px) x 256.
 Compute bound: chips x peak bf16 / work. Gradient all-reduce bound (data parallel, fp32 gradients, a ring over
 the slice): 2 x (n - 1) / n x 4 bytes x params / ICI bandwidth per chip, where the bandwidth is published.
 Peaks are Google Cloud's per-chip figures (cloud.google.com/tpu/docs/v3 ... /v5p). The paper trained XL/2 at
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from dit_jax import flops
+from dit_jax.perf import flops
 
 # chip: (peak bf16 FLOP/s, HBM GB, HBM GB/s, ICI GB/s per chip or None where not published in that form)
 CHIPS = {

@@ -171,7 +171,7 @@ def _sync(device: torch.device) -> None:
 def bench(mode: str, variant: str, batch: int, res: int = 256, steps: int = 20, warmup: int = 3, windows: int = 5,
           device: str = "cpu", amp: str = "none", cfg_scale: float = 4.0, num_classes: int = 1000,
           seed: int = 0) -> dict[str, Any]:
-    """Median seconds per train step / guided forward over timed windows, after warm-up (as dit_jax.bench)."""
+    """Median seconds per train step / guided forward over timed windows, after warm-up (as dit_jax.perf.bench)."""
     import statistics
     import time
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from dit_jax.models.dit import decode_variant
-from dit_jax.train.config_io import ConfigError, parse_value
+from dit_jax.train.config_load import parse_value
+from dit_jax.train.config_schema import ConfigError
 
 __all__ = ["ConfigError", "check_arg", "check_choice", "check_res", "decode_variant", "parse_arg", "variant_arg"]
 
@@ -14,7 +15,7 @@ def parse_arg(arg: str | None, **defaults: object) -> dict[str, object]:
     """"variant=XL/2,res=256" -> {"variant": "XL/2", "res": 256}, over `defaults`.
 
     Each value is parsed to the type of its default (bool, int, float, str; None = str) by the parser of the
-    command-line overrides (dit_jax.train.config_io.parse_value): "runlocal=ture" or "res=abc" is an error, as
+    command-line overrides (dit_jax.train.config_load.parse_value): "runlocal=ture" or "res=abc" is an error, as
     are unknown keys, a key given twice and an item without "=". Errors are ConfigError (a ValueError).
     """
     out = dict(defaults)

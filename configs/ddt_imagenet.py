@@ -18,8 +18,8 @@ REPA: encoder block 8 aligned through a D -> D -> D -> 768 SiLU MLP to DINOv2 Vi
 image, weight 0.5. The images come from the latent shards (`extract-latents --store-images`), mirrored together
 with the latents; the DINOv2 weights from a local file (the official dinov2_vitb14_pretrain.pth; nothing is
 downloaded). Sampling for the headline FID: Euler, 250 steps on linspace(0, 0.96, 250) + [1], CFG 2.0 (3.0 at
-512 px) only where 0.3 < t < 1 (dit_jax.diffusion.flow.FlowSampleSettings; dit_jax.sample_ddt.DDTSampler with
-encoder sharing).
+512 px) only where 0.3 < t < 1 (dit_jax.sampling.SampleSettings(sampler="euler", ...) and Sampler, with
+encoder sharing: `dit-jax sample-fid --ckpt RUN --schedule ...`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import ml_collections
 
 from configs.common import check_res, parse_arg, variant_arg
 from dit_jax.models.ddt import decode_ddt_variant
-from dit_jax.train.config_io import apply_runlocal, base_config
+from dit_jax.train.config_schema import apply_runlocal, base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -79,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 100
     config.train.ckpt_every = 10_000
     config.train.keep_ckpts = 3
-    config.train.sample_every = 0  # the trainer draws grids of pixel-space runs only: sample with sample-ddt
+    config.train.sample_every = 0  # the trainer draws grids of pixel-space runs only: sample with `dit-jax sample`
     config.train.nan_check = True
 
     config.mesh.data = -1

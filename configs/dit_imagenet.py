@@ -21,7 +21,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs.common import check_choice, check_res, parse_arg, variant_arg
-from dit_jax.train.config_io import apply_runlocal, base_config
+from dit_jax.train.config_schema import apply_runlocal, base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

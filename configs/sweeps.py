@@ -25,10 +25,11 @@ import sys
 from typing import Sequence
 
 from dit_jax.constants import BLOCK_TYPES
+from dit_jax.models.dit import MODEL_SIZES, PATCH_SIZES
 
 CONFIG_FILE = "configs/dit_imagenet.py"
-SIZES = ("S", "B", "L", "XL")
-PATCHES = (8, 4, 2)
+SIZES = tuple(MODEL_SIZES)  # S, B, L, XL: the paper's Table 1, smallest first
+PATCHES = tuple(sorted(PATCH_SIZES, reverse=True))  # 8, 4, 2: fewest tokens first
 SWEEP_BLOCK_ORDER = tuple(reversed(BLOCK_TYPES))  # the paper's Figure 5 order: in-context ... adaLN-Zero
 
 

@@ -20,19 +20,19 @@ from dit_jax import errors
 # `dit-jax --help` shows), in the order it lists them. A module is imported only when its command runs (or shows
 # its --help): `dit-jax --help` imports neither jax nor any command module.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("dit_jax.demo", "train a small DiT on the bundled digits (CPU, a few minutes) and sample"),
+    "demo": ("dit_jax.train.cli", "train a small DiT on the bundled digits (CPU, a few minutes) and sample"),
     "train": ("dit_jax.train.cli", "train (or resume) a DiT from a config file"),
-    "extract-latents": ("dit_jax.extract_latents", "encode a dataset with the SD VAE into ArrayRecord shards"),
+    "extract-latents": ("dit_jax.data.cli", "encode a dataset with the SD VAE into ArrayRecord shards"),
     "convert": ("dit_jax.convert.cli", "convert an official DiT .pt or a diffusers DiT folder to an Orbax checkpoint"),
-    "sample": ("dit_jax.sample_cli", "sample a class-conditional PNG grid"),
-    "sample-fid": ("dit_jax.sample_fid", "sample N images into an ADM-evaluator .npz (resumable)"),
-    "sample-ddt": ("dit_jax.sample_ddt_cli", "sample a PNG grid from a DDT (flow matching, encoder sharing)"),
-    "ddt-schedule": ("dit_jax.ddt_schedule", "compute and save DDT's DP encoder-sharing schedule"),
+    "sample": ("dit_jax.sampling.cli", "sample a class-conditional PNG grid from any run, release or DDT"),
+    "sample-fid": ("dit_jax.sampling.cli", "sample N images into an ADM-evaluator .npz (resumable)"),
+    "sample-ddt": ("dit_jax.sampling.cli", "another name for `sample` (DDT checkpoints, encoder sharing)"),
+    "ddt-schedule": ("dit_jax.sampling.cli", "compute and save DDT's DP encoder-sharing schedule"),
     "download": ("dit_jax.weights.cli", "download the official DiT-XL/2 checkpoints and the SD VAE into the cache"),
     "evaluate": ("dit_jax.evaluate.cli",
                  "Inception Score, FID, sFID, precision, recall of a sample .npz (ADM evaluation suite)"),
-    "bench": ("dit_jax.bench_cli", "steady-state throughput (train step | guided sampling forward), vs PyTorch"),
-    "flops": ("dit_jax.flops", "parameters and forward GFLOPs (MACs, paper convention) of the twelve DiT variants"),
+    "bench": ("dit_jax.perf.cli", "steady-state throughput (train step | guided sampling forward), vs PyTorch"),
+    "flops": ("dit_jax.perf.cli", "parameters and forward GFLOPs (MACs, paper convention) of the twelve DiT variants"),
 }
 
 

@@ -6,6 +6,7 @@ creating and removing a temporary file, since permission bits tell root nothing,
 system). A sampling or conversion run can take hours: a path it could not use fails at once, not at the end.
 Writing: `atomic_write` (and `atomic_path`, `write_text_atomic`): a file written through a temporary file beside
 it and renamed over it, so that readers see the old file or the whole new one, never half of one.
+Hashing: `sha256_file` (the weights cache's records and the converter's input digests).
 
 Every check names the path with what the user typed for it (`flag`: "--out", "OUTPUT_DIR", "image folder", ...)
 and says what to do. The problems are PathErrors: OSErrors with the errno and file name of the problem, of the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import tempfile
@@ -209,3 +211,18 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False
     with atomic_write(path, "w", fsync=fsync, encoding=encoding) as f:
         f.write(text)
     return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hashing: the one sha256 of a file (the weights cache's records, the converted folder's input digests).
+# ----------------------------------------------------------------------------------------------------------
+HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in HASH_CHUNK blocks (stdlib only)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()

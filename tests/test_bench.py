@@ -15,12 +15,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax import cli
-from dit_jax.bench_cli import load_torch_reference
 from dit_jax.data.prefetch import DevicePrefetch
 from dit_jax.diffusion import create_diffusion
 from dit_jax.models import DiT_models
 from dit_jax.models.layers import attention
 from dit_jax.models.splash import splash_attention, splash_supported
+from dit_jax.perf.cli import load_torch_reference
 from dit_jax.train.sharding import make_mesh
 
 
@@ -86,7 +86,7 @@ def test_bench_cli_smoke_side_by_side(mode, tmp_path, capsys):
 
 
 def test_bench_rejects_bad_input():
-    from dit_jax.bench import BenchSpec, run_bench
+    from dit_jax.perf.bench import BenchSpec, run_bench
 
     with pytest.raises(ValueError, match="unknown bench mode"):
         run_bench("infer", BenchSpec())
@@ -187,31 +187,30 @@ def _resume(state):
 
 # ---------------------------------------------------------------------------------------------- splash in use
 def _splash_model_cfg(attn_impl: str):
-    import ml_collections
+    from dit_jax.train.config_schema import base_config
 
     # 16x16 latents with patch 1: 256 tokens, the shortest sequence splash takes
-    return ml_collections.ConfigDict(dict(
-        variant="S/2", depth=1, hidden_size=32, num_heads=2, patch_size=1, input_size=16, in_channels=1,
-        num_classes=4, learn_sigma=True, class_dropout_prob=0.1, block_type="adaLN-Zero", dtype="float32",
-        attn_impl=attn_impl, scan_blocks=True, remat_policy="none",
-    ))
+    cfg = base_config().model
+    cfg.update(dict(variant="S/2", depth=1, hidden_size=32, num_heads=2, patch_size=1, input_size=16, in_channels=1,
+                    num_classes=4, attn_impl=attn_impl, scan_blocks=True))
+    return cfg
 
 
 def test_train_step_with_splash_on_8_devices_equals_xla(monkeypatch):
     """The trainer's step with attn_impl=splash (kernel in the interpreter, shard_map over the 8-device mesh
     as the trainer sets it up) gives the XLA path's loss and parameters."""
-    import ml_collections
-
+    from dit_jax.train.config_schema import base_config
     from dit_jax.train.optim import make_optimizer
-    from dit_jax.train.sharding import batch_sharding, mesh_context, param_shardings
+    from dit_jax.models.splash import mesh_context
+    from dit_jax.train.sharding import batch_sharding, param_shardings
     from dit_jax.train.state import init_state
     from dit_jax.train.step import make_train_step
 
     monkeypatch.setenv("DIT_JAX_SPLASH_INTERPRET", "1")
     mesh = make_mesh(-1, 1)
-    optimizer = make_optimizer(ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999,
-                                                              eps=1e-8, grad_clip_norm=0.0, warmup_steps=0,
-                                                              ema_decay=0.9)))
+    optim_cfg = base_config().optim
+    optim_cfg.update(dict(lr=1e-3, ema_decay=0.9))
+    optimizer = make_optimizer(optim_cfg)
     rng = np.random.default_rng(0)
     local = dict(x=rng.standard_normal((8, 16, 16, 1)).astype(np.float32), y=rng.integers(0, 4, 8).astype(np.int32))
     results = {}
@@ -232,7 +231,7 @@ def test_train_step_with_splash_on_8_devices_equals_xla(monkeypatch):
 
 
 def test_sampler_with_splash_on_8_devices_equals_xla(monkeypatch):
-    from dit_jax.sample import SampleSettings, Sampler, example_keys
+    from dit_jax.sampling import SampleSettings, Sampler, example_keys
     from dit_jax.train.state import build_model
 
     monkeypatch.setenv("DIT_JAX_SPLASH_INTERPRET", "1")
@@ -248,7 +247,6 @@ def test_sampler_with_splash_on_8_devices_equals_xla(monkeypatch):
     settings = SampleSettings(num_steps=2, cfg_scale=2.0, cfg_channels=None)
     labels = np.arange(8) % 4
     keys = example_keys(0, range(8))
-    out = {impl: np.asarray(Sampler.for_model(m, settings)(labels, keys)) for impl, m in (("xla", ref),
-                                                                                       ("splash", fast))}
+    out = {impl: np.asarray(Sampler(m, settings)(labels, keys)) for impl, m in (("xla", ref), ("splash", fast))}
     np.testing.assert_allclose(out["splash"], out["xla"], rtol=1e-5, atol=1e-5)
     assert np.abs(out["xla"]).max() > 0.1

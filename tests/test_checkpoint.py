@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dit_jax.train.checkpoint import MANIFEST, UNSUMMED, Checkpointer, CheckpointError, CheckpointMismatchError
+from dit_jax.train.config_schema import base_config
 from dit_jax.train.optim import EmaState, ema_params, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,9 @@ def mesh():
 
 
 def _optimizer(**kw):
-    return make_optimizer(SimpleNamespace(lr=1e-3, weight_decay=0.0, ema_decay=0.9, **kw))
+    cfg = base_config().optim
+    cfg.update(dict(dict(lr=1e-3, weight_decay=0.0, ema_decay=0.9), **kw))
+    return make_optimizer(cfg)
 
 
 def _state(mesh, seed=0, w_shape=(8, 4)):

@@ -1,4 +1,5 @@
-"""configs/*.py and dit_jax.train.config_io: loading, locked overrides, runlocal, serialisation, the sweeps."""
+"""configs/*.py, dit_jax.train.config_schema and config_load: the schema, loading, locked overrides, runlocal,
+serialisation, the sweeps."""
 
 from __future__ import annotations
 
@@ -15,15 +16,22 @@ from flax import nnx
 
 from configs import sweeps
 from dit_jax.models import DiT, DiT_models, decode_variant
-from dit_jax.train.config_io import (
-    ConfigError,
-    apply_runlocal,
-    base_config,
+from dit_jax.train.config_load import (
     config_from_dict,
     config_to_dict,
     load_config,
     parse_config_spec,
     split_config_argv,
+)
+from dit_jax.diffusion.objectives import OBJECTIVES
+from dit_jax.models.dit import MODEL_SIZES
+from dit_jax.models.families import DTYPES, FAMILIES
+from dit_jax.train.config_schema import (
+    DATA_SPACES,
+    ConfigError,
+    apply_runlocal,
+    base_config,
+    data_space,
     validate_config,
 )
 
@@ -264,12 +272,75 @@ def test_validate_config_lists_every_problem():
     assert str(info.value).count("\n") == 3
 
 
+def test_data_space_is_told_by_the_data_source_alone():
+    assert data_space(load_config("configs/digits.py")) == "pixel"
+    assert data_space(load_config("configs/dit_imagenet.py:variant=B/4")) == "latent"
+    assert DATA_SPACES == {"digits": "pixel", "tfds": "pixel", "folder": "pixel", "latents": "latent"}
+    c = base_config()
+    c.data.vae = ""  # the VAE's name plays no part: only the source says what the trainer feeds
+    c.data.source = "latents"
+    assert data_space(c) == "latent"
+    c.data.source, c.data.vae = "tfds", "stabilityai/sd-vae-ft-ema"
+    assert data_space(c) == "pixel"
+    c.data.source = "webdataset"
+    with pytest.raises(ConfigError, match="data.source='webdataset' is not one of"):
+        data_space(c)
+
+
+def test_validation_reads_the_family_and_objective_tables():
+    with pytest.raises(ConfigError, match=re.escape(f"model.arch='vit' is not one of {tuple(FAMILIES)}")):
+        load_config("configs/digits.py", ["model.arch=vit"])
+    with pytest.raises(ConfigError, match=re.escape(f"objective='score' is not one of {tuple(OBJECTIVES)}")):
+        load_config("configs/digits.py", ["objective=score"])
+    with pytest.raises(ConfigError, match=re.escape(f"model.dtype='float16' is not one of {tuple(DTYPES)}")):
+        load_config("configs/digits.py", ["model.dtype=float16"])
+    # a family's objectives (Family.objectives)
+    with pytest.raises(ConfigError, match="model.arch=ddt trains with objective=flow"):
+        load_config("configs/ddt_imagenet.py:runlocal=True", ["objective=diffusion"])
+    # a model key the family does not read (Family.model_keys) is named with the families that read it; a value a
+    # family fixes (Family.fixed) may be restated, not changed
+    with pytest.raises(ConfigError, match=r"model.num_encoder_blocks=2 does not apply: .*model.arch=ddt only"):
+        load_config("configs/digits.py", ["model.num_encoder_blocks=2"])
+    with pytest.raises(ConfigError, match=r"model.scan_blocks=True does not apply: .*model.arch=dit only"):
+        load_config("configs/ddt_imagenet.py:runlocal=True", ["model.scan_blocks=True"])
+    load_config("configs/ddt_imagenet.py:runlocal=True", ["model.learn_sigma=False"])
+    with pytest.raises(ConfigError, match="model.learn_sigma must be False"):
+        load_config("configs/ddt_imagenet.py:runlocal=True", ["model.learn_sigma=True"])
+    # the objectives' own sections (config.<objective>.*)
+    with pytest.raises(ConfigError, match=r"diffusion.use_kl=True does not apply: Gaussian diffusion settings apply "
+                                          r"to objective=diffusion only"):
+        load_config("configs/ddt_imagenet.py:runlocal=True", ["diffusion.use_kl=True"])
+
+
+# a value of every config.model field other than the schema's (a change kwargs must see, if it reads the field)
+_OTHER = dict(variant="B/4", arch=None, dtype="bfloat16", block_type="adaLN", attn_impl="cudnn", remat_policy="full")
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_a_family_reads_exactly_its_model_keys(arch):
+    """Family.model_keys (what the config checks call applicable) is what Family.kwargs reads."""
+    fam = FAMILIES[arch]
+    m = base_config().model
+    m.arch, m.variant = arch, "S/2"
+    before = fam.kwargs(m)
+    for field in m:
+        if field == "arch":
+            continue
+        changed = base_config().model
+        changed.arch, changed.variant = arch, "S/2"
+        value = m[field]
+        changed[field] = (not value if isinstance(value, bool) else value + 1 if isinstance(value, int)
+                          else value / 2 if isinstance(value, float) else _OTHER[field])
+        assert (fam.kwargs(changed) != before) == (field in fam.model_keys), field
+
+
 # ----------------------------------------------------------------------------------------------------------
 # sweeps
 # ----------------------------------------------------------------------------------------------------------
 def test_sweep_points_enumerate_the_papers_twelve_models():
     points = sweeps.sweep_points()
     assert [p["name"] for p in points] == [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (8, 4, 2)]
+    assert sweeps.SIZES == tuple(MODEL_SIZES)  # the model's size table is the one owner
     assert len({p["slug"] for p in points + sweeps.block_ablation()}) == 16
     for point in points:
         config = load_config(point["config"], [f"{k}={v}" for k, v in point["overrides"].items()])

@@ -36,7 +36,7 @@ from dit_jax.convert import (  # noqa: E402
     read_state_dict,
     read_train_args,
 )
-from dit_jax.convert import cli as convert_cli  # noqa: E402
+from dit_jax.convert import folder as convert_folder  # noqa: E402
 from official_dit_torch import OfficialDiT, numpy_sd, official_sincos_2d, randomize_torch  # noqa: E402
 from dit_jax.models import DiT, DiT_models  # noqa: E402
 
@@ -489,7 +489,7 @@ def test_cli_interrupted_write_leaves_nothing(diffusers_folder, tmp_path, monkey
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert_cli, "_save_state", boom)
+    monkeypatch.setattr(convert_folder, "_save_state", boom)
     assert cli(["convert", str(path), str(tmp_path / "out")]) == 130  # Ctrl-C's exit status
     assert list(tmp_path.iterdir()) == []
 
@@ -507,7 +507,7 @@ def test_full_xl2_state_dict_round_trip_through_pt_and_orbax(tmp_path):
     assert sum(v.size for v in sd.values()) == 675_129_632  # official train.py's count for XL/2 (pos_embed incl.)
     pt = tmp_path / "DiT-XL-2-256x256.pt"
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, pt)
-    meta = convert_cli.convert(pt, tmp_path / "converted")
+    meta = convert_folder.convert(pt, tmp_path / "converted")
     pt.unlink()
     assert meta["variant"] == "DiT-XL/2" and meta["image_size"] == 256 and meta["model"]["num_heads"] == 16
     back = to_official_state_dict(load_converted(tmp_path / "converted"))

@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,10 +20,14 @@ from dit_jax.data import (
     read_latents_meta,
     write_latents,
 )
+from dit_jax.train.config_schema import base_config
 
 
 def cfg(**kw):
-    return SimpleNamespace(**kw)
+    """config.data as the schema builds it (every field, with its default), with `kw` set."""
+    c = base_config().data
+    c.update(kw)
+    return c
 
 
 def take(it, n):
@@ -547,7 +550,7 @@ def test_rows_of_any_topology_compose_the_same_global_batches(tmp_path):
         np.testing.assert_array_equal(odd[s]["x"], one[s]["x"][1::2])
     flipped = [np.array_equal(a, b[:, ::-1]) and not np.array_equal(a, b) for a, b in zip(one[0]["x"], one[0]["x"])]
     assert not any(flipped)  # (sanity of the comparison below)
-    workers = take(make_train_iterator(cfg(**vars(c), num_workers=2), global_batch=64, seed=5, process_index=1,
+    workers = take(make_train_iterator(cfg(**dict(c.to_dict(), num_workers=2)), global_batch=64, seed=5, process_index=1,
                                        process_count=2), n)
     for s in range(n):
         np.testing.assert_array_equal(workers[s]["x"], one[s]["x"][32:])

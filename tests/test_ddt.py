@@ -12,7 +12,8 @@ from flax import nnx
 
 from dit_jax.convert import CheckpointMismatchError, load_official_ddt
 from dit_jax.models import DDT, DDT_models, ImprovedDiT_models
-from dit_jax.models.ddt import DDTBlock, fold_patches, rope_2d_angles, unfold_patches
+from dit_jax.models.ddt import DDT_SIZES, DDTBlock, decode_ddt_variant, fold_patches, rope_2d_angles, unfold_patches
+from dit_jax.models.dit import MODEL_SIZES
 from tests.ddt_torch import TorchDDT
 
 
@@ -161,6 +162,18 @@ def test_converter_names_every_bad_key():
     assert "blocks.0.attn.q_norm.weight" in text and "blocks.1.mlp.w1.weight" in text and "extra.weight" in text
     with pytest.raises(ValueError, match="ema_denoiser"):
         load_official_ddt(tiny(), {"state_dict": {f"denoiser.{k}": v for k, v in sd.items()}})
+
+
+def test_ddt_sizes_are_dits_split_into_encoder_and_decoder():
+    """DDT's depth, width and heads per size are DiT's (dit_jax.models.dit.MODEL_SIZES, their one owner); DDT adds
+    only the encoder/decoder split: the paper's 8En4De (B), 20En4De (L), 22En6De (XL), and B's split for S."""
+    assert list(DDT_SIZES) == list(MODEL_SIZES)
+    for size, arch in DDT_SIZES.items():
+        assert {k: v for k, v in arch.items() if k != "num_encoder_blocks"} == MODEL_SIZES[size], size
+        assert 0 < arch["num_encoder_blocks"] < arch["depth"], size
+    assert {s: a["num_encoder_blocks"] for s, a in DDT_SIZES.items()} == {"S": 8, "B": 8, "L": 20, "XL": 22}
+    assert decode_ddt_variant("L/2") == dict(depth=24, hidden_size=1024, num_heads=16, num_encoder_blocks=20,
+                                             patch_size=2)
 
 
 def test_sizes_init_and_single_stream_baseline():

@@ -1,4 +1,5 @@
-"""Bad inputs to the sampling commands (`sample`, `sample-fid`, `sample-ddt`, `ddt-schedule`), as a careless user
+"""Bad inputs to the sampling commands (`sample`, `sample-fid`, `sample-ddt` (another name for `sample`),
+`ddt-schedule`; they take the same model and sampler flags), as a careless user
 types them: each gives one `dit-jax COMMAND: error: ...` line naming the problem, exit status 1 (2 for a bad option
 or a combination of options that does not apply), no traceback, and nothing written into the inputs.
 
@@ -47,7 +48,7 @@ def inputs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A 2-step digits run of a tiny DiT (objective=diffusion, pixel space: no VAE), as tests/test_sample_cli.py."""
-    from dit_jax.train.config_io import load_config
+    from dit_jax.train.config_load import load_config
     from dit_jax.train.loop import train
 
     workdir = tmp_path_factory.mktemp("run")
@@ -66,14 +67,14 @@ FID = ("--ckpt", "{i}/garbage.pt", "--sample-dir", "{t}/samples", "--num-samples
        "--no-progress", "--offline", "--cache-dir", "{t}/cache")
 DDT = ("--ckpt", "{i}/garbage.ckpt", "--variant", "DDT-S/2", "--out", "{t}/grid.png", "--steps", "2", "--no-progress",
        "--offline", "--cache-dir", "{t}/cache")
-DDT_FID = (*without(DDT, "--out"), "--num-samples", "4")
+DDT_FID = (*without(DDT, "--out"), "--sample-dir", "{t}/samples", "--num-samples", "4")  # sample-fid on a DDT
 SCHEDULE = ("--random-init", "--variant", "DDT-S/2", "--res", "64", "--num-steps", "4", "--refresh-rate", "2",
             "--batch", "1", "--out", "{t}/schedule.json")
 SCHEDULE_CKPT = without(SCHEDULE, "--random-init")
 
 # The same bad paths given to every command that takes such a path: (case prefix, command, arguments, flag).
 CHECKPOINT_FLAGS = [("sample", "sample", SAMPLE, "--ckpt"), ("fid", "sample-fid", FID, "--ckpt"),
-                    ("ddt", "sample-ddt", DDT, "--ckpt"), ("schedule", "ddt-schedule", SCHEDULE_CKPT, "--checkpoint")]
+                    ("ddt", "sample-ddt", DDT, "--ckpt"), ("schedule", "ddt-schedule", SCHEDULE_CKPT, "--ckpt")]
 BAD_CHECKPOINTS = {  # case name: (the path, words of the error; FLAG: the flag)
     "missing-ckpt": ("{i}/absent.ckpt", ("FLAG", "absent.ckpt", "no such file or folder")),
     "text-ckpt": ("{i}/text.txt", ("FLAG", "text.txt", "not a checkpoint file", "'.txt'")),
@@ -87,7 +88,7 @@ BAD_OUTPUT_FILES = {
     "is-a-folder": ("{i}/empty_dir", ("FLAG", "empty_dir", "is a folder, where a file is expected")),
     "under-a-file": ("{i}/a_file/out.bin", ("FLAG", "a_file", "is a file, where a folder is expected")),
 }
-OUTPUT_FOLDER_FLAGS = [("fid", "sample-fid", FID, "--sample-dir"), ("ddt", "sample-ddt", DDT_FID, "--sample-dir")]
+OUTPUT_FOLDER_FLAGS = [("fid", "sample-fid", FID, "--sample-dir"), ("ddt-fid", "sample-fid", DDT_FID, "--sample-dir")]
 BAD_OUTPUT_FOLDERS = {
     "unwritable": ("{u}/samples", ("FLAG", "{u}", "permission")),
     "is-a-file": ("{i}/a_file", ("FLAG", "a_file", "is a file, where a folder is expected")),
@@ -127,8 +128,10 @@ CASES: dict[str, Case] = {
                               status=2),
     "sample-negative-steps": case("sample", *replace(SAMPLE, "--steps", "-5"), needles=("--steps -5", "positive"),
                                   status=2),
-    "sample-too-many-steps": case("sample", *replace(SAMPLE, "--steps", "2000"), needles=("--steps 2000", "1000 steps"),
-                                  status=2),
+    # a diffusion sampler named: its respacing is checked before loading (without --sampler, once the model tells
+    # its objective: RUN_CASES)
+    "sample-too-many-steps": case("sample", *replace(SAMPLE, "--steps", "2000"), "--sampler", "ddpm",
+                                  needles=("--steps 2000", "1000 steps"), status=2),
     "sample-ddim-steps": case("sample", *replace(SAMPLE, "--steps", "400"), "--sampler", "ddim",
                               needles=("--steps 400", "ddim", "integer stride"), status=2),
     "sample-negative-cfg": case("sample", *SAMPLE, "--cfg-scale", "-1", needles=("--cfg-scale -1", ">= 0"), status=2),
@@ -144,14 +147,22 @@ CASES: dict[str, Case] = {
                                      needles=("--cfg-channels 0", "positive"), status=2),
     "sample-cfg-channels-not-a-number": case("sample", *SAMPLE, "--cfg-channels", "x",
                                              needles=("--cfg-channels", "integer or 'all'"), status=2),
-    "sample-image-size-with-ckpt": case("sample", *SAMPLE, "--image-size", "512",
-                                        needles=("--image-size", "--ckpt", "drop --image-size"), status=2),
     "sample-image-size-unsupported": case("sample", *without(SAMPLE, "--ckpt"), "--image-size", "128",
                                           needles=("--image-size", "128"), status=2),
     "sample-missing-vae": case("sample", *SAMPLE, "--vae", "{i}/absent_vae",
                                needles=("--vae", "absent_vae", "no such file or folder")),
     "sample-vae-is-a-file": case("sample", *SAMPLE, "--vae", "{i}/text.txt",
                                  needles=("--vae", "text.txt", "is a file")),
+    # a sampler flag of the other objective than --sampler's
+    "sample-cfg-channels-with-a-flow-sampler": case("sample", *SAMPLE, "--sampler", "euler", "--cfg-channels", "3",
+                                                    needles=("--cfg-channels", "--sampler euler", "objective=flow"),
+                                                    status=2),
+    "sample-flow-flags-with-a-diffusion-sampler": case("sample", *SAMPLE, "--sampler", "ddim", "--shift", "2",
+                                                       "--refresh-rate", "2",
+                                                       needles=("--shift and --refresh-rate", "--sampler ddim",
+                                                                "objective=diffusion"), status=2),
+    "sample-fid-flag": case("sample", *SAMPLE, "--num-samples", "4", needles=("unrecognized", "--num-samples"),
+                            status=2),
     "fid-zero-samples": case("sample-fid", *replace(FID, "--num-samples", "0"), needles=("--num-samples 0", "positive"),
                              status=2),
     "fid-negative-samples": case("sample-fid", *replace(FID, "--num-samples", "-10"),
@@ -160,6 +171,19 @@ CASES: dict[str, Case] = {
                            needles=("--per-device-batch 0", "positive"), status=2),
     "fid-nan-cfg": case("sample-fid", *FID, "--cfg-scale", "nan", needles=("--cfg-scale nan", "finite"), status=2),
     "fid-eta-with-ddpm": case("sample-fid", *FID, "--eta", "0.3", needles=("ddim sampler only",), status=2),
+    "fid-grid-flags": case("sample-fid", *FID, "--labels", "1,2", needles=("unrecognized", "--labels"), status=2),
+    "fid-flow-flag-with-a-diffusion-sampler": case("sample-fid", *FID, "--sampler", "ddpm", "--last-step", "0.1",
+                                                   needles=("--last-step", "objective=diffusion"), status=2),
+    # ---------------------------------------------------------------- sample-fid on a DDT (flow flags)
+    "ddt-fid-zero-num-samples": case("sample-fid", *replace(DDT_FID, "--num-samples", "0"),
+                                     needles=("--num-samples 0", "positive"), status=2),
+    "ddt-fid-empty-interval": case("sample-fid", *DDT_FID, "--interval-min", "0.5", "--interval-max", "0.5",
+                                   needles=("--interval-min", "below interval-max"), status=2),
+    "ddt-fid-missing-schedule": case("sample-fid", *DDT_FID, "--schedule", "{i}/absent.json",
+                                     needles=("--schedule", "absent.json", "no such file")),
+    "ddt-fid-schedule-and-refresh-rate": case("sample-fid", *DDT_FID, "--schedule", "{i}/schedule.json",
+                                              "--refresh-rate", "2", needles=("--schedule or --refresh-rate",),
+                                              status=2),
     # ---------------------------------------------------------------- sample-ddt
     "ddt-no-ckpt": case("sample-ddt", *without(DDT, "--ckpt"), needles=("--ckpt", "--random-init"), status=2),
     "ddt-ckpt-and-random-init": case("sample-ddt", *DDT, "--random-init", needles=("--random-init", "--ckpt"),
@@ -167,7 +191,7 @@ CASES: dict[str, Case] = {
     "ddt-which-with-random-init": case("sample-ddt", *without(DDT, "--ckpt"), "--random-init", "--which", "model",
                                        needles=("--which", "--random-init"), status=2),
     "ddt-unknown-variant": case("sample-ddt", *replace(DDT, "--variant", "DDT-Q/3"),
-                                needles=("--variant DDT-Q/3", "unknown DDT variant", "DDT-S/2"), status=2),
+                                needles=("--variant DDT-Q/3", "unknown variant", "DDT-S/2"), status=2),
     "ddt-missing-schedule": case("sample-ddt", *DDT, "--schedule", "{i}/absent.json",
                                  needles=("--schedule", "absent.json", "no such file")),
     "ddt-schedule-is-a-folder": case("sample-ddt", *DDT, "--schedule", "{i}/empty_dir",
@@ -188,19 +212,17 @@ CASES: dict[str, Case] = {
     "ddt-labels-not-numbers": case("sample-ddt", *DDT, "--labels", "1,two", needles=("--labels", "integers"),
                                    status=2),
     "ddt-zero-nrow": case("sample-ddt", *DDT, "--nrow", "0", needles=("--nrow 0", "positive"), status=2),
-    "ddt-zero-num-samples": case("sample-ddt", *without(DDT, "--out"), "--num-samples", "0",
-                                 needles=("--num-samples 0", "positive"), status=2),
-    "ddt-grid-flags-in-fid-mode": case("sample-ddt", *DDT, "--num-samples", "4", "--labels", "1,2",
-                                       needles=("--labels and --out apply to a grid only", "--num-samples"), status=2),
-    "ddt-fid-flags-without-num-samples": case("sample-ddt", *DDT, "--per-device-batch", "4", "--overwrite",
-                                              needles=("--per-device-batch and --overwrite", "FID mode only"),
-                                              status=2),
-    "ddt-sample-dir-without-num-samples": case("sample-ddt", *DDT, "--sample-dir", "{t}/samples",
-                                               needles=("--sample-dir applies to FID mode only",), status=2),
+    # sample-ddt has no FID mode any more (FID is `sample-fid`, for a DDT too): its flags are refused
+    "ddt-fid-flags": case("sample-ddt", *DDT, "--num-samples", "4", "--per-device-batch", "4", "--overwrite",
+                          needles=("unrecognized", "--num-samples", "--per-device-batch", "--overwrite"), status=2),
+    "ddt-sample-dir": case("sample-ddt", *DDT, "--sample-dir", "{t}/samples", needles=("unrecognized", "--sample-dir"),
+                           status=2),
+    "ddt-eta": case("sample-ddt", *DDT, "--sampler", "euler", "--eta", "0.5", needles=("--eta", "ddim sampler only"),
+                    status=2),
     # ---------------------------------------------------------------- ddt-schedule
-    "schedule-no-checkpoint": case("ddt-schedule", *SCHEDULE_CKPT, needles=("--checkpoint", "--random-init"), status=2),
+    "schedule-no-checkpoint": case("ddt-schedule", *SCHEDULE_CKPT, needles=("--ckpt", "--random-init"), status=2),
     "schedule-checkpoint-and-random-init": case("ddt-schedule", *SCHEDULE, "--checkpoint", "{i}/garbage.ckpt",
-                                                needles=("--random-init", "--checkpoint"), status=2),
+                                                needles=("--random-init", "--ckpt"), status=2),
     "schedule-which-with-random-init": case("ddt-schedule", *SCHEDULE, "--which", "model",
                                             needles=("--which", "--random-init"), status=2),
     "schedule-no-out": case("ddt-schedule", *without(SCHEDULE, "--out"), needles=("--out",), status=2),
@@ -210,13 +232,18 @@ CASES: dict[str, Case] = {
                                               "--refresh-rate", "10", needles=("0 encoder calls for 4 steps",),
                                               status=2),
     "schedule-zero-steps": case("ddt-schedule", *without(SCHEDULE, "--num-steps"), "--num-steps", "0",
-                                needles=("--num-steps 0", "positive"), status=2),
+                                needles=("--steps 0", "positive"), status=2),  # --num-steps: --steps' other name
     "schedule-zero-batch": case("ddt-schedule", *SCHEDULE, "--batch", "0", needles=("--batch 0", "positive"),
                                 status=2),
-    "schedule-unknown-variant": case("ddt-schedule", *without(SCHEDULE, "--variant"), "--variant", "DiT-XL/2",
-                                     needles=("--variant DiT-XL/2", "unknown DDT variant"), status=2),
+    "schedule-unknown-variant": case("ddt-schedule", *without(SCHEDULE, "--variant"), "--variant", "DDT-Q/3",
+                                     needles=("--variant DDT-Q/3", "unknown variant", "DDT-S/2"), status=2),
+    "schedule-not-a-ddt-variant": case("ddt-schedule", *without(SCHEDULE, "--variant"), "--variant", "DiT-XL/2",
+                                       needles=("--variant DiT-XL/2", "not a DDT", "no condition encoder", "DDT-S/2"),
+                                       status=2),
     "schedule-odd-res": case("ddt-schedule", *without(SCHEDULE, "--res"), "--res", "100",
-                             needles=("--res 100", "multiple of 16"), status=2),
+                             needles=("--image-size 100", "multiple of 8"), status=2),  # --res: --image-size's name
+    "schedule-diffusion-flag": case("ddt-schedule", *SCHEDULE, "--cfg-channels", "3",
+                                    needles=("--cfg-channels", "ddt-schedule", "objective=flow"), status=2),
     "schedule-empty-interval": case("ddt-schedule", *SCHEDULE, "--interval-min", "1", "--interval-max", "0.5",
                                     needles=("--interval-min", "below interval-max"), status=2),
 }
@@ -242,11 +269,25 @@ RUN_CASES: dict[str, Case] = {
                                        "3,10", needles=("--labels", "[10]", "10 classes")),
     "sample-too-many-cfg-channels": case("sample", *QUICK, "--ckpt", "{i}", "--out", "{t}/grid.png",
                                          "--cfg-channels", "5", needles=("--cfg-channels 5", "2 output channels")),
-    # a diffusion run given to the flow commands
-    "ddt-diffusion-run": case("sample-ddt", *QUICK, "--ckpt", "{i}", "--out", "{t}/grid.png",
-                              needles=("objective=diffusion", "dit-jax sample")),
+    # the image size is the run's
+    "sample-image-size-of-another-run": case("sample", *QUICK, "--ckpt", "{i}", "--out", "{t}/grid.png",
+                                             "--image-size", "512", needles=("16 px", "512", "drop the image size")),
+    # a diffusion run given a flow sampler or flow flags (sample-ddt: sample's other name), or too many steps
+    # for its 1000-step process
+    "ddt-diffusion-run-flow-sampler": case("sample-ddt", *QUICK, "--ckpt", "{i}", "--out", "{t}/grid.png",
+                                           "--sampler", "euler",
+                                           needles=("--sampler euler", "objective=diffusion", "ddpm"), status=2),
+    "sample-diffusion-run-flow-flags": case("sample", *QUICK, "--ckpt", "{i}", "--out", "{t}/grid.png",
+                                            "--interval-min", "0.2",
+                                            needles=("--interval-min", "objective=diffusion", "drop it"), status=2),
+    "fid-diffusion-run-schedule": case("sample-fid", *QUICK, "--ckpt", "{i}", "--sample-dir", "{t}/samples",
+                                       "--refresh-rate", "2",
+                                       needles=("--refresh-rate", "objective=diffusion"), status=2),
+    "sample-diffusion-run-too-many-steps": case("sample", "--steps", "2000", "--no-progress", "--ckpt", "{i}",
+                                                "--out", "{t}/grid.png", needles=("--steps 2000", "1000 steps"),
+                                                status=2),
     "schedule-diffusion-run": case("ddt-schedule", "--num-steps", "2", "--refresh-rate", "2", "--checkpoint", "{i}",
-                                   "--out", "{t}/schedule.json", needles=("objective=diffusion", "dit-jax sample")),
+                                   "--out", "{t}/schedule.json", needles=("no condition encoder", "dit-jax sample")),
     # sample-fid into a folder of samples made with other settings, or with a folder where its .npz goes
     "fid-folder-of-other-settings": case("sample-fid", *QUICK, "--ckpt", "{i}", "--sample-dir", "{t}/samples",
                                          "--num-samples", "4", needles=("other settings", "--overwrite")),
@@ -270,11 +311,12 @@ def test_what_only_the_model_tells_fails_before_sampling(name, run_dir, tmp_path
 
 
 def test_a_checkpoint_sample_cannot_read_says_what_to_do(inputs, tmp_path, capfd):
-    """`sample` has no --variant (nor --num-heads, --source): a DDT checkpoint, or a file whose architecture its
-    shapes do not tell, is not a DiT checkpoint it can read, and the error says what to do instead; `convert`, which
-    has the option, asks for it."""
-    for name, needles in (("ddt.safetensors", ("ddt.safetensors", "look like a DDT checkpoint", "dit-jax sample-ddt")),
-                          ("no_dit.safetensors", ("no_dit.safetensors", "not a DiT checkpoint", "dit-jax sample-ddt",
+    """`sample` reads a DDT checkpoint (DDT-XL/2 unless --variant says otherwise): one of another size fails naming
+    the variant and --variant; a file whose architecture its shapes do not tell is not a checkpoint it can read, and
+    the error says what to do instead; `convert`, which has --variant for a DiT, asks for it."""
+    for name, needles in (("ddt.safetensors", ("ddt.safetensors", "does not fit DDT-XL/2", "give --variant",
+                                               "missing")),
+                          ("no_dit.safetensors", ("no_dit.safetensors", "not a DiT checkpoint", "dit-jax sample",
                                                   "dit-jax convert", "--variant"))):
         out = run_case(case("sample", *replace(SAMPLE, "--ckpt", f"{{i}}/{name}"), needles=needles), inputs, tmp_path,
                        capfd)

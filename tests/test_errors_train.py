@@ -1,7 +1,7 @@
 """Bad inputs to `dit-jax train`, `demo`, `bench` and `flops`: each fails with one line that names the problem
 (dit_jax/errors.py's convention: non-zero exit, 2 for usage errors, no traceback), before any training or
 compiling; and the strict parser of config arguments and overrides (configs/common.parse_arg,
-dit_jax.train.config_io.parse_value)."""
+dit_jax.train.config_load.parse_value)."""
 
 from __future__ import annotations
 
@@ -226,10 +226,10 @@ def test_flops_unwritable_output():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The strict parser: config arguments and overrides share configs/common.parse_arg -> config_io.parse_value
+# The strict parser: config arguments and overrides share configs/common.parse_arg -> config_load.parse_value
 # ----------------------------------------------------------------------------------------------------------
 def test_parse_value_is_strict():
-    from dit_jax.train.config_io import ConfigError, parse_value
+    from dit_jax.train.config_load import ConfigError, parse_value
 
     for text, value in [("true", True), ("False", False), ("yes", True), ("off", False), ("1", True), ("0", False)]:
         assert parse_value("k", text, bool) is value
@@ -253,7 +253,7 @@ def test_parse_value_is_strict():
 
 def test_parse_arg_uses_the_same_parser():
     from configs.common import parse_arg
-    from dit_jax.train.config_io import ConfigError
+    from dit_jax.train.config_load import ConfigError
 
     assert parse_arg("runlocal=yes,res=512", runlocal=False, res=256) == {"runlocal": True, "res": 512}
     assert parse_arg(" variant = B/4 ", variant="XL/2") == {"variant": "B/4"}
@@ -272,7 +272,7 @@ def test_parse_arg_uses_the_same_parser():
 
 
 def test_config_argument_errors_name_the_spec():
-    from dit_jax.train.config_io import ConfigError, load_config
+    from dit_jax.train.config_load import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"configs/digits\.py:runlocal=ture: config argument 'runlocal'"):
         load_config("configs/digits.py:runlocal=ture")
@@ -285,7 +285,7 @@ def test_config_argument_errors_name_the_spec():
 def test_only_changed_settings_must_apply():
     """A setting that does not apply is an error only when the command line changes it: the shipped configs
     (and runlocal, which shrinks repa.* on every config) stay valid, and restating a value is harmless."""
-    from dit_jax.train.config_io import ConfigError, load_config
+    from dit_jax.train.config_load import ConfigError, load_config
 
     load_config(DIGITS, ["--config.flow.t_dist=logit_normal", "--config.repa.layer=1"])  # the values it has
     load_config("configs/ddt_imagenet.py:runlocal=True,repa=False")
@@ -300,8 +300,8 @@ def test_only_changed_settings_must_apply():
 
 
 def test_check_run_knows_the_devices():
-    from dit_jax.train.config_check import check_run
-    from dit_jax.train.config_io import ConfigError, load_config
+    from dit_jax.train.config_load import ConfigError, load_config
+    from dit_jax.train.config_schema import check_run
 
     config = load_config(DIGITS)
     check_run(config, 8)

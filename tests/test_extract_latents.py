@@ -6,7 +6,7 @@ from flax import nnx
 from PIL import Image
 
 from dit_jax.data.latents import LatentsSource, read_latents_meta
-from dit_jax.extract_latents import extract, shard_path
+from dit_jax.data.extract import extract, shard_path
 from dit_jax.models.vae import AutoencoderKL
 
 
@@ -61,7 +61,7 @@ def test_extract_shards_resume_and_values(tmp_path):
 @pytest.mark.slow
 def test_train_on_extracted_latents(tmp_path):
     from dit_jax.data.sources import ImageFolderSource
-    from dit_jax.train.config_io import load_config
+    from dit_jax.train.config_load import load_config
     from dit_jax.train.loop import train
 
     make_folder(tmp_path / "imgs", n_per_class=4)
@@ -103,7 +103,7 @@ def test_ddt_with_repa_trains_on_latents_with_stored_images(tmp_path):
     logs the REPA term; latents without images are refused with a message that names --store-images; a fresh run
     with DINOv2 but no encoder_path is refused before any work."""
     from dit_jax.data.sources import ImageFolderSource
-    from dit_jax.train.config_io import ConfigError, load_config
+    from dit_jax.train.config_load import ConfigError, load_config
     from dit_jax.train.loop import train
 
     make_folder(tmp_path / "imgs", n_per_class=4)

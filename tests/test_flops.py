@@ -1,4 +1,5 @@
-"""Analytic DiT parameter and compute counts (dit_jax.flops) against the paper, the model itself and XLA.
+"""Analytic DiT parameter and compute counts (dit_jax.perf.flops) against the paper, the model itself and XLA; the
+`dit-jax flops` command (dit_jax.perf.cli); forward_macs of every model family.
 
 Paper values: Peebles & Xie, "Scalable Diffusion Models with Transformers", ICCV 2023 (arXiv:2212.09748), as
 printed in the CVF open-access version (read from a text conversion of it, github.com/Bili-Sakura/
@@ -26,8 +27,10 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from dit_jax import flops
+from dit_jax.errors import UsageError
 from dit_jax.models import BLOCK_TYPES, DiT
+from dit_jax.perf import cli as perf_cli
+from dit_jax.perf import flops
 from dit_jax.models.layers import FixedEmbed
 
 # Table 4, the twelve adaLN-Zero models at 256x256: name -> (Flops (G), Params (M)).
@@ -304,7 +307,7 @@ def test_xla_cost_analysis(label, cfg):
 # --------------------------------------------------------------------------------------------------------------
 def _run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dit-jax")
-    flops.register(parser.add_subparsers(dest="command"), "flops")
+    perf_cli.register(parser.add_subparsers(dest="command"), "flops")
     args = parser.parse_args(["flops", *argv])
     return args.func(args)
 
@@ -334,8 +337,14 @@ def test_cli_json(capsys):
 
 
 def test_cli_rejects_bad_image_size(capsys):
-    assert _run_cli(["--image-size", "100"]) == 2
-    assert "multiple of 64" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="multiple of 64"):
+        _run_cli(["--image-size", "100"])
+    from dit_jax import cli
+
+    assert cli.main(["flops", "--image-size", "100"]) == 2  # a usage error: status 2, one line naming the flag
+    err = capsys.readouterr().err
+    assert "multiple of 64" in err and err.startswith("dit-jax flops: error: --image-size")
+    assert len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit):
         _run_cli(["--block-type", "film"])
 
@@ -347,3 +356,38 @@ def test_cli_through_dit_jax_cli(capsys):
     args = cli.build_parser("flops").parse_args(["flops", "--json"])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out) == flops.flops_table()
+
+
+def test_variant_names_follow_the_model_tables():
+    """The size list is the model's (dit_jax.models.dit.MODEL_SIZES, PATCH_SIZES), not a copy: every DiT_models
+    entry, once."""
+    from dit_jax.models.dit import DiT_models
+
+    assert sorted(flops.variant_names()) == sorted(DiT_models)
+    assert len(set(flops.variant_names())) == len(DiT_models)
+
+
+def test_forward_macs_by_model_family():
+    """forward_macs dispatches through dit_jax.models.families: the analytic count for a DiT (equal to dit_macs
+    of its sizes, explicit sizes overriding the variant's), the traced count for a DDT (equal to traced_macs of
+    the family's own model)."""
+    from dit_jax.models.families import family
+    from dit_jax.train.config_load import load_config
+
+    cfg = load_config("configs/dit_imagenet.py:variant=XL/2,res=256", [])
+    assert family(cfg.model.arch).analytic_macs
+    assert flops.forward_macs(cfg.model) == flops.dit_macs(**flops.variant_config("DiT-XL/2", image_size=256))
+    small = load_config("configs/dit_imagenet.py:variant=S/2,res=256", ["model.depth=2", "model.block_type=adaLN"])
+    assert flops.forward_macs(small.model) == flops.dit_macs(
+        **flops.variant_config("DiT-S/2", image_size=256, depth=2, block_type="adaLN"))
+
+    ddt = load_config("configs/ddt_imagenet.py:variant=S/2,res=256,repa=False",
+                      ["model.depth=2", "model.num_encoder_blocks=1"])
+    fam = family(ddt.model.arch)
+    assert not fam.analytic_macs
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: fam.build(ddt.model)))
+    expected = flops.traced_macs(_forward(graphdef), state, *_abstract_inputs(
+        dict(input_size=ddt.model.input_size, in_channels=ddt.model.in_channels)))
+    assert flops.forward_macs(ddt.model) == expected > 0
+    with pytest.raises(ValueError, match="unknown model.arch"):
+        flops.forward_macs(type("Cfg", (), {"arch": "unet"})())

@@ -104,6 +104,6 @@ def test_guidance_batch_order_and_interval():
     x = jnp.zeros((2, 5))
     inside = v(x, jnp.full((2,), 0.5))
     np.testing.assert_allclose(np.asarray(inside), 1 + 2.0 * (3 - 1))  # uncond + s (cond - uncond)
-    assert seen["y"].tolist() == [10, 10, 4, 7]  # [uncond | cond], as DDT's sampler
+    assert seen["y"].tolist() == [4, 10, 7, 10]  # each example's pair side by side (diffusion/guidance.py)
     for t in (0.3, 0.1, 1.0):  # the interval is open: scale 1 on and outside its ends
         np.testing.assert_allclose(np.asarray(v(x, jnp.full((2,), t))), 3.0)

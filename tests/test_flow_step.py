@@ -3,16 +3,17 @@ gradient goes, and one DDT step on 8 simulated devices equal to one device."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax.models import DDT
 from dit_jax.models.dinov2 import random_target_encoder
+from dit_jax.train.config_schema import base_config
 from dit_jax.train.flow_step import frozen_state, make_flow_loss, make_flow_train_step
 from dit_jax.train.optim import make_optimizer
 from dit_jax.train.repa import cosine_loss, match_token_grid
@@ -80,8 +81,9 @@ def _one_step(mesh, fsdp: bool = False) -> tuple[dict, dict]:
     model, encoder = make_model(), make_encoder()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     enc_graphdef = nnx.split(encoder)[0]
-    optimizer = make_optimizer(ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
-                                                              grad_clip_norm=0.0, warmup_steps=0, ema_decay=0.9)))
+    optim_cfg = base_config().optim
+    optim_cfg.update(dict(lr=1e-3, b2=0.95, ema_decay=0.9))
+    optimizer = make_optimizer(optim_cfg)
     params = params.to_pure_dict()
     state = dict(params=params, rest=rest.to_pure_dict(), opt_state=optimizer.init(params),
                  step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(0)),
@@ -110,24 +112,29 @@ def test_one_ddt_repa_step_on_8_devices_equals_1_device(fsdp):
         np.testing.assert_array_equal(a, b)
 
 
-def test_trainer_trains_and_resumes_a_ddt_with_repa(tmp_path, capsys):
+def test_trainer_trains_and_resumes_a_ddt_with_repa(tmp_path, capsys, monkeypatch):
     """The real trainer (dit_jax.train.loop) on the digits with objective=flow, a DDT and REPA against the frozen
     random ViT: losses finite, the REPA term logged, the frozen encoder checkpointed and resumed unchanged."""
     from dit_jax.train.checkpoint import Checkpointer
-    from dit_jax.train.config_io import load_config
-    from dit_jax.train.loop import _flow_sampler, train
+    from dit_jax.train.config_load import load_config
+    from dit_jax.sampling import sampler as sampler_lib
+    from dit_jax.train.loop import train
 
     overrides = ["objective=flow", "model.arch=ddt", "model.learn_sigma=False", "model.num_encoder_blocks=1",
                  "repa.weight=0.5", "repa.encoder=random", "repa.layer=1", "repa.proj_dim=24",
                  "train.sample_every=1", "train.sample_steps=4", "train.steps=4", "train.log_every=2",
                  "train.ckpt_every=2"]
     cfg = load_config("configs/digits.py:runlocal=True", overrides)
-    _flow_sampler.cache_clear()
+    built = []
+    sampler_init = sampler_lib.Sampler.__init__
+    monkeypatch.setattr(sampler_lib.Sampler, "__init__", lambda self, *a, **kw: (built.append(1),
+                                                                                 sampler_init(self, *a, **kw))[1])
+    sampler_lib._CACHE.clear()
     first = train(cfg, tmp_path)
     assert first["step"] == 4
     grids = sorted(p.name for p in (tmp_path / "samples").glob("ema_samples_*.png"))
-    info = _flow_sampler.cache_info()  # one sampler built, then reused by the later sample events
-    assert len(grids) >= 2 and info.misses == 1 and info.hits == len(grids) - 1, (grids, info)
+    # one sampler built (and compiled), then reused with the new EMA weights by the later sample events
+    assert len(grids) >= 2 and len(built) == 1, (grids, built)
     m = first["metrics"]
     assert np.isfinite(m["loss"]) and 0 < m["repa_loss"] <= 2 and m["fm_loss"] > 0
     frozen_before = jax.device_get(first["state"]["frozen"])
@@ -145,16 +152,17 @@ def test_trainer_trains_and_resumes_a_ddt_with_repa(tmp_path, capsys):
 
 
 def _sample_the_ddt_run(run, capsys) -> None:
-    """The run samples as a user would: `sample-ddt --ckpt RUN` (EMA weights, the run's pixel size) writes the grid
-    of DDTSampler's output, `ddt-schedule --checkpoint RUN` computes a schedule, `sample` names the right command."""
+    """The run samples as a user would: `sample --ckpt RUN` (EMA weights, the run's pixel size) writes the grid
+    of the library Sampler's output, `ddt-schedule --checkpoint RUN` computes a schedule, `sample-ddt` (another name
+    for `sample`) samples with it, and a diffusion sampler is refused naming the run's objective."""
     import json
 
     from PIL import Image
 
     from dit_jax import cli
-    from dit_jax.diffusion import flow
     from dit_jax.images import make_grid, to_uint8
-    from dit_jax.sample_ddt import DDTSampler, PlainFlowSampler, load_flow_model
+    from dit_jax.sampling import SampleSettings, Sampler, example_keys
+    from dit_jax.sampling.load import load_model
     from dit_jax.train.export import load_ema_model
 
     ema, config, step = load_ema_model(run)
@@ -169,23 +177,25 @@ def _sample_the_ddt_run(run, capsys) -> None:
     ema_bytes = nbytes(ema_params(full.state["opt_state"]))
     assert ema_bytes <= nbytes(weights.state) <= 1.2 * ema_bytes, (nbytes(weights.state), ema_bytes)
     assert nbytes(full.state) > 3 * ema_bytes  # what it used to read
-    loaded = load_flow_model(str(run))
-    assert isinstance(loaded.model, DDT) and loaded.pixel_space and loaded.image_size == 16 and step == 6
+    loaded = load_model(str(run))
+    assert isinstance(loaded.model, DDT) and loaded.objective == "flow" and loaded.pixel_space and loaded.image_size == 16 and step == 6
     assert loaded.name == f"{run.name}-step0000006" and loaded.time_scale == 1.0
     for a, b in zip(jax.tree.leaves(nnx.state(loaded.model, nnx.Param)), jax.tree.leaves(nnx.state(ema, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    trained = load_flow_model(str(run), which="model").model
+    trained = load_model(str(run), which="model").model
     assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0 for a, b in zip(
         jax.tree.leaves(nnx.state(trained, nnx.Param)), jax.tree.leaves(nnx.state(ema, nnx.Param))))
 
-    # the CLI's defaults: Euler, cfg 2.0 on (0.3, 1), last step 0.04; noise normal(key(seed)) for the labels
-    settings = flow.FlowSampleSettings(num_steps=4, cfg_scale=2.0, interval_min=0.3, interval_max=1.0, last_step=0.04)
+    # the CLI's defaults: Euler, cfg 2.0 on (0.3, 1), last step 0.04; example i's noise from fold_in(key(seed), i).
+    # DDT's encoder-sharing Euler with the encoder on every step equals the plain Euler sampler.
+    settings = SampleSettings(sampler="euler", num_steps=4, cfg_scale=2.0, interval_min=0.3, interval_max=1.0,
+                              last_step=0.04)
     labels = np.array([1, 2, 3], np.int32)
-    noise = jax.random.normal(jax.random.key(0), (3, 16, 16, 1))
-    shared = np.asarray(DDTSampler(ema, settings)(labels, noise))
-    np.testing.assert_allclose(np.asarray(PlainFlowSampler(ema, settings)(labels, noise)), shared, atol=1e-5)
+    keys = example_keys(0, np.arange(3))
+    shared = np.asarray(Sampler(ema, dataclasses.replace(settings, schedule=(0, 1, 2, 3)))(labels, keys))
+    np.testing.assert_allclose(np.asarray(Sampler(ema, settings)(labels, keys)), shared, atol=1e-5)
     out = run / "grid.png"
-    assert cli.main(["sample-ddt", "--ckpt", str(run), "--steps", "4", "--labels", "1,2,3", "--nrow", "3",
+    assert cli.main(["sample", "--ckpt", str(run), "--steps", "4", "--labels", "1,2,3", "--nrow", "3",
                      "--out", str(out)]) == 0
     assert f"from {loaded.name}" in capsys.readouterr().out
     png = np.asarray(Image.open(out)).astype(int)
@@ -202,18 +212,18 @@ def _sample_the_ddt_run(run, capsys) -> None:
                      "--out", str(out)]) == 0
     assert "encoder on 2 of 4 steps" in capsys.readouterr().out
 
-    assert cli.main(["sample", "--ckpt", str(run), "--out", str(run / "x.png")]) == 1
-    assert "objective=flow" in (err := capsys.readouterr().err) and "dit-jax sample-ddt" in err
-    assert cli.main(["sample-ddt", "--ckpt", str(run), "--image-size", "256", "--out", str(out)]) == 1
+    assert cli.main(["sample", "--ckpt", str(run), "--sampler", "ddpm", "--out", str(run / "x.png")]) == 2
+    assert "objective=flow" in (err := capsys.readouterr().err) and "--sampler ddpm" in err and "euler" in err
+    assert cli.main(["sample", "--ckpt", str(run), "--image-size", "256", "--out", str(out)]) == 1
     assert "trained for 16 px" in capsys.readouterr().err
-    assert cli.main(["sample-ddt", "--ckpt", str(run), "--vae", "ema", "--out", str(out)]) == 1
+    assert cli.main(["sample", "--ckpt", str(run), "--vae", "ema", "--out", str(out)]) == 1
     assert "--vae does not apply" in capsys.readouterr().err
 
 
 def test_a_dit_trains_with_the_flow_objective_sit_style(tmp_path, capsys):
     """objective=flow with model.arch=dit: the DiT read as a velocity model (learn_sigma off), t scaled to the
     timestep embedder's range."""
-    from dit_jax.train.config_io import ConfigError, load_config
+    from dit_jax.train.config_load import ConfigError, load_config
     from dit_jax.train.loop import train
 
     overrides = ["objective=flow", "model.learn_sigma=False", "diffusion.learn_sigma=False", "flow.time_scale=1000",
@@ -223,17 +233,18 @@ def test_a_dit_trains_with_the_flow_objective_sit_style(tmp_path, capsys):
     with pytest.raises(ConfigError, match="learn_sigma=False"):
         load_config("configs/digits.py:runlocal=True", ["objective=flow"])
 
-    # sampled by sample-ddt with t * 1000 and no encoder sharing; ddt-schedule has nothing to share
+    # sampled by `sample` (flow: euler) with t * 1000 and no encoder sharing; ddt-schedule has nothing to share
     from dit_jax import cli
     from dit_jax.models import DiT
-    from dit_jax.sample_ddt import load_flow_model
+    from dit_jax.sampling.load import load_model
 
-    loaded = load_flow_model(str(tmp_path))
-    assert isinstance(loaded.model, DiT) and loaded.time_scale == 1000.0
-    assert cli.main(["sample-ddt", "--ckpt", str(tmp_path), "--steps", "3", "--labels", "4,5",
+    loaded = load_model(str(tmp_path))
+    assert isinstance(loaded.model, DiT) and loaded.objective == "flow" and loaded.time_scale == 1000.0
+    assert cli.main(["sample", "--ckpt", str(tmp_path), "--steps", "3", "--labels", "4,5",
                      "--out", str(tmp_path / "g.png")]) == 0
-    assert "no condition encoder" in capsys.readouterr().out
-    assert cli.main(["sample-ddt", "--ckpt", str(tmp_path), "--refresh-rate", "2",
+    printed = capsys.readouterr().out
+    assert "euler, 3 steps" in printed and "encoder" not in printed  # no condition encoder to run or share
+    assert cli.main(["sample", "--ckpt", str(tmp_path), "--refresh-rate", "2",
                      "--out", str(tmp_path / "g.png")]) == 1
     assert "condition encoder" in capsys.readouterr().err
     assert cli.main(["ddt-schedule", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "s.json")]) == 1

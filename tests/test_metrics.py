@@ -1,4 +1,5 @@
-"""dit_jax.train.metrics: the JSONL + TensorBoard writer, images, the PIL loss plot, peak FLOP/s, Progress."""
+"""dit_jax.train.metrics (the JSONL + TensorBoard writer, images, Progress), dit_jax.train.chart (the matplotlib loss
+chart) and dit_jax.perf.mfu (peak FLOP/s, MFU)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,9 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from dit_jax.train.metrics import (
-    MetricWriter,
-    Progress,
-    format_metrics,
-    mfu,
-    peak_flops_per_device,
-    plot_loss,
-    read_jsonl,
-)
+from dit_jax.perf.mfu import mfu, peak_flops_per_device
+from dit_jax.train.chart import plot_loss
+from dit_jax.train.metrics import MetricWriter, Progress, format_metrics, read_jsonl
 
 
 def read_events(tb_dir: Path) -> list[event_pb2.Event]:
@@ -168,6 +163,10 @@ def test_plot_loss_draws_a_chart(tmp_path):
             w.write_scalars(step, {"loss": loss, "mse": loss * 0.9})
         w.write_scalars(2000, {"grad_norm": 1.0})  # a record without the plotted key
     png = plot_loss(jsonl, tmp_path / "plots" / "loss.png", keys=("loss", "mse"), size=(640, 400))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a real PNG file, whole
+    with Image.open(png) as opened:
+        assert opened.format == "PNG" and opened.size == (640, 400)
+        opened.verify()
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape == (400, 640, 3)
     background = np.all(img == 255, axis=-1)
@@ -187,6 +186,41 @@ def test_plot_loss_draws_a_chart(tmp_path):
     assert empty.shape == (480, 800) and (empty < 255).any()
     log = np.asarray(Image.open(plot_loss(jsonl, tmp_path / "log.png", log_y=True)).convert("RGB"))
     assert np.all(log == (31, 119, 180), axis=-1).sum() > 500
+
+
+def test_plot_loss_follows_the_data(tmp_path):
+    """The chart is drawn from the data: a rising loss draws a rising curve, other values another image, the log
+    scale another; rewriting the PNG replaces it (no temporary files left beside it)."""
+
+    def chart(name: str, losses: list[float], **kw) -> np.ndarray:
+        jsonl = tmp_path / f"{name}.jsonl"
+        jsonl.write_text("".join(json.dumps({"step": 10 * i, "loss": v}) + "\n" for i, v in enumerate(losses)))
+        return np.asarray(Image.open(plot_loss(jsonl, tmp_path / "loss.png", size=(480, 320), title="t", **kw))
+                          .convert("RGB"))
+
+    def blue_rows(img: np.ndarray) -> tuple[float, float]:
+        """Mean row of the first key's smoothed curve near its left and right ends."""
+        blue = np.all(img == (31, 119, 180), axis=-1)
+        cols = np.nonzero(blue.any(axis=0))[0]
+        assert blue.sum() > 300 and len(cols) > 100
+        return np.nonzero(blue[:, cols[5]])[0].mean(), np.nonzero(blue[:, cols[-40]])[0].mean()
+
+    falling = chart("falling", [1.0 / (1 + 0.05 * i) for i in range(200)])
+    rising = chart("rising", [0.1 + 0.004 * i for i in range(200)])
+    assert falling.shape == rising.shape == (320, 480, 3)
+    left, right = blue_rows(falling)
+    assert left < right - 60  # falls: higher on the left
+    left, right = blue_rows(rising)
+    assert left > right + 60  # rises: lower on the left
+    assert (falling != rising).any(axis=-1).mean() > 0.01
+    same = chart("falling", [1.0 / (1 + 0.05 * i) for i in range(200)])
+    np.testing.assert_array_equal(same, falling)  # deterministic: the same data draws the same pixels
+    log = chart("falling", [1.0 / (1 + 0.05 * i) for i in range(200)], log_y=True)
+    assert (log != falling).any(axis=-1).mean() > 0.01
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png" or p.name.startswith(".")) == ["loss.png"]
+    with pytest.raises(ValueError, match="size"):
+        plot_loss(tmp_path / "falling.jsonl", tmp_path / "bad.png", size=(10, 10))
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_peak_flops_and_mfu():

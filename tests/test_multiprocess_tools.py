@@ -32,7 +32,7 @@ def vae(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A 1-step digits run of a tiny DiT (pixel space: no VAE), what `sample-fid --ckpt` loads."""
-    from dit_jax.train.config_io import load_config
+    from dit_jax.train.config_load import load_config
     from dit_jax.train.loop import train
 
     workdir = tmp_path_factory.mktemp("run")

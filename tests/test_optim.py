@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dit_jax.train.config_schema import base_config
 from dit_jax.train.optim import EmaState, current_lr, ema, ema_params, make_optimizer, make_schedule
 
 
@@ -28,10 +27,17 @@ def _grads(i: int, like):
 
 
 def _cfg(**kw):
-    base = dict(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0, warmup_steps=0,
-                ema_decay=0.9)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    """config.optim from the schema, with lr 1e-3, EMA decay 0.9 and `kw`."""
+    cfg = base_config().optim
+    cfg.update(dict(dict(lr=1e-3, ema_decay=0.9), **kw))
+    return cfg
+
+
+def _schema(**kw):
+    """config.optim with the schema's defaults (the paper's settings), and `kw`."""
+    cfg = base_config().optim
+    cfg.update(kw)
+    return cfg
 
 
 def _sgd_ema_run(decay, params, n, dtype_np=np.float64):
@@ -185,7 +191,7 @@ def test_weight_decay_is_the_configured_one_not_optax_default():
     zeros = jax.tree.map(jnp.zeros_like, params)
     lr = 1e-2
     cases = (
-        (SimpleNamespace(lr=lr), 0.0),  # weight_decay absent from the config: the paper's 0, not optax's 1e-4
+        (_schema(lr=lr), 0.0),  # weight_decay left at the schema's default: the paper's 0, not optax's 1e-4
         (_cfg(lr=lr, weight_decay=0.0), 0.0),
         (_cfg(lr=lr, weight_decay=0.05), 0.05),
     )
@@ -217,7 +223,7 @@ def test_warmup_schedule_values():
     assert [current_lr(cfg, s) for s in range(7)] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     assert current_lr(_cfg(lr=3e-4), 0) == pytest.approx(3e-4)
     assert current_lr(_cfg(lr=3e-4), 10**6) == pytest.approx(3e-4)
-    assert current_lr(SimpleNamespace(), 0) == pytest.approx(1e-4)  # the paper's constant lr
+    assert current_lr(_schema(), 0) == pytest.approx(1e-4)  # the schema's default: the paper's constant lr
     # the schedule is the one adam uses: with zero weight decay and warm-up, update 0 is zero
     opt = make_optimizer(cfg)
     params = _params()

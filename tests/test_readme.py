@@ -62,14 +62,14 @@ NOT_RUN = {
     "--config.data.path=/data/in256-latents-images --config.repa.encoder_path=/data/dinov2_vitb14_pretrain.pth":
         "DDT-XL/2 at batch 256 with a GCS bucket and the DINOv2 weights; the REPA-on-latents path runs in "
         "tests/test_extract_latents.py",
-    "dit-jax ddt-schedule --checkpoint DDT-XL-22en6de-R256.ckpt --num-steps 250 --refresh-rate 4 --out schedule.json":
-        "needs the released 2.7 GB DDT-XL/2 checkpoint (no download here); tests/test_sample_ddt_cli.py runs it on a "
+    "dit-jax ddt-schedule --ckpt DDT-XL-22en6de-R256.ckpt --steps 250 --refresh-rate 4 --out schedule.json":
+        "needs the released 2.7 GB DDT-XL/2 checkpoint (no download here); tests/test_sampling_ddt_cli.py runs it on a "
         "DDT-S/2-shaped checkpoint",
-    "dit-jax sample-ddt --ckpt DDT-XL-22en6de-R256.ckpt --schedule schedule.json --labels 207,360 --out ddt.png":
+    "dit-jax sample --ckpt DDT-XL-22en6de-R256.ckpt --schedule schedule.json --labels 207,360 --out ddt.png":
         "needs the released DDT-XL/2 checkpoint; the random DDT-S/2 command above runs the same sampler",
-    "dit-jax sample-ddt --ckpt DDT-XL-22en6de-R256.ckpt --num-samples 50000 --sample-dir samples":
-        "needs the released DDT-XL/2 checkpoint (and 250 x 2 DDT-XL/2 passes per image); tests/test_sample_ddt_cli.py "
-        "runs FID mode on a DDT-S/2-shaped checkpoint",
+    "dit-jax sample-fid --ckpt DDT-XL-22en6de-R256.ckpt --num-samples 50000 --sample-dir samples":
+        "needs the released DDT-XL/2 checkpoint (and 250 x 2 DDT-XL/2 passes per image); "
+        "tests/test_sampling_ddt_cli.py runs sample-fid on a DDT-S/2-shaped checkpoint",
     "launch/local/multiprocess.sh -n 2 --cpu-devices 4 -- dit-jax train --config configs/digits.py:runlocal=True "
     "--workdir runs/mp":
         "2 processes x 4 CPU devices (~1 min on 2 cores): tests/test_multiprocess.py runs this job (the same launcher, "
@@ -83,7 +83,7 @@ NOT_RUN = {
 NOT_RUN_PYTHON = {
     "from flax import nnx\nfrom dit_jax.models import DDT_models":
         "loads the released DDT-XL/2 checkpoint and uses x, t, y, labels, noise from context; "
-        "tests/test_ddt.py and tests/test_sample_ddt.py cover the calls",
+        "tests/test_ddt.py and tests/test_sampling_flow.py cover the calls",
 }
 SHRINK = {
     "dit-jax sample-fid --num-samples 50000": ["--num-samples", "16", "--per-device-batch", "1"],
@@ -153,7 +153,7 @@ def test_every_readme_command_is_run_or_named_with_a_reason():
 @pytest.mark.parametrize("command", sorted(c for c in NOT_RUN if c.startswith("dit-jax")))
 def test_commands_not_run_still_parse_and_their_configs_validate(command):
     from dit_jax.cli import build_parser
-    from dit_jax.train.config_io import load_config
+    from dit_jax.train.config_load import load_config
 
     argv = shlex.split(command)[1:]
     args, extra = build_parser(argv[0]).parse_known_args(argv)
@@ -414,11 +414,11 @@ RUNS = {
     "--out /data/imagenet256-latents": (None, "cli", _check_latents("data/imagenet256-latents", 8)),
     "dit-jax extract-latents --vae ema --source tfds --split train --image-size 256 --store-images "
     "--out /data/in256-latents-images": (None, "cli", _check_latents("data/in256-latents-images", 8, images=True)),
-    "dit-jax sample-ddt --variant DDT-S/2 --random-init --steps 20 --labels 207,360 --vae ema --out ddt-random.png":
+    "dit-jax sample --variant DDT-S/2 --random-init --steps 20 --labels 207,360 --vae ema --out ddt-random.png":
         (None, "cli", _check_png("ddt-random.png")),
     "dit-jax train --config configs/ddt_imagenet.py:variant=S/2,runlocal=True --workdir runs/ddt_smoke "
     "--config.data.path=/data/in256-latents-images": (None, "cli", _check_train_steps("runs/ddt_smoke", 20)),
-    "dit-jax sample-ddt --ckpt runs/ddt_smoke --steps 20 --refresh-rate 4 --labels 207,360 --out ddt-run.png":
+    "dit-jax sample --ckpt runs/ddt_smoke --steps 20 --refresh-rate 4 --labels 207,360 --out ddt-run.png":
         (None, "cli", _check_ddt_run_grid),
     "dit-jax convert DiT-XL-2-256x256.pt out/dit-xl-2-256": (_prepare_convert, "cli", _check_converted),
     "dit-jax convert path/to/DiT-XL-2-256/transformer out/dit-xl-2-256":

@@ -23,10 +23,11 @@ from dit_jax.convert import load_official_dit  # noqa: E402
 from dit_jax.diffusion import create_diffusion, space_timesteps  # noqa: E402
 from dit_jax.models import DiT  # noqa: E402
 from dit_jax.models.layers import timestep_embedding  # noqa: E402
-from dit_jax.sample import (  # noqa: E402
-    Sampler, SampleSettings, data_mesh, example_keys, guided_model_fn, pad_to_multiple, sample_latents)
+from dit_jax.sampling import (  # noqa: E402
+    Sampler, SampleSettings, data_mesh, example_keys, pad_to_multiple, sample_latents)
+from dit_jax.sampling.methods import guided_eps_fn as guided_model_fn  # noqa: E402
 from dit_jax.evaluate.npz import write_npz_stream  # noqa: E402
-from dit_jax.sample_fid import (  # noqa: E402
+from dit_jax.sampling.fid import (  # noqa: E402
     fid_labels,
     read_shard,
     sample_fid,
@@ -200,7 +201,7 @@ def test_samples_match_float64_official_loops(official, kind, spec, clip):
     ref64, ours = official
     cfg = 1.5
     settings = SampleSettings(num_steps=10, cfg_scale=cfg, cfg_channels=3, sampler=kind, clip_denoised=clip)
-    got = np.asarray(Sampler.for_model(ours, settings)(LABELS, example_keys(5, np.arange(len(LABELS)))))
+    got = np.asarray(Sampler(ours, settings)(LABELS, example_keys(5, np.arange(len(LABELS)))))
     x_T, step_noise = protocol_noise(5, len(LABELS), 10, (8, 8, 4))
 
     def reference(network):
@@ -276,8 +277,8 @@ def test_eight_devices_equal_one_device_and_progress_equals_scan(official):
     settings = SampleSettings(num_steps=4, cfg_scale=1.5, sampler="ddpm", clip_denoised=True)
     labels = np.array([3, 7, 0, 9, 3, 1, 2, 5])
     keys = example_keys(2, np.arange(8))
-    one = Sampler.for_model(ours, settings, mesh=data_mesh(jax.devices()[:1]))
-    eight = Sampler.for_model(ours, settings, mesh=data_mesh())
+    one = Sampler(ours, settings, mesh=data_mesh(jax.devices()[:1]))
+    eight = Sampler(ours, settings, mesh=data_mesh())
     b = np.asarray(eight(labels, keys))
     assert b.shape == (8, 8, 8, 4) and np.std(b) > 0.3
     singles = np.concatenate([np.asarray(one(labels[i : i + 1], keys[i : i + 1])) for i in range(8)])
@@ -293,19 +294,19 @@ def test_eight_devices_equal_one_device_and_progress_equals_scan(official):
 
 
 def test_sample_latents_compiles_once_per_graph_and_settings(official):
-    from dit_jax import sample as sample_mod
+    from dit_jax.sampling import sampler as sample_mod
 
     _, ours = official
     sample_mod._CACHE.clear()
-    kw = dict(num_steps=3, cfg_scale=2.0)
+    kw = dict(settings=SampleSettings(num_steps=3, cfg_scale=2.0))
     a = sample_latents(ours, [1, 2], key=jax.random.key(0), **kw)
     sampler = next(iter(sample_mod._CACHE.values()))
-    compiled = sampler._scan._cache_size()
+    compiled = sampler._run._cache_size()
     # new weights, same graph and settings: same compiled sampler, no retrace
     graphdef, state = nnx.split(ours)
     state2 = jax.tree.map(lambda v: v * 1.01, state)
     b = sample_latents(nnx.merge(graphdef, state2), [1, 2], key=jax.random.key(0), **kw)
-    assert len(sample_mod._CACHE) == 1 and sampler._scan._cache_size() == compiled
+    assert len(sample_mod._CACHE) == 1 and sampler._run._cache_size() == compiled
     assert not np.allclose(a, b)
     c = sample_latents(ours, [1, 2], key=jax.random.key(0), **kw)
     np.testing.assert_array_equal(a, c)
@@ -325,7 +326,7 @@ def test_pad_to_multiple_repeats_example_zero_and_keeps_array_types():
 
 def test_settings_errors():
     with pytest.raises(ValueError, match="unknown sampler"):
-        SampleSettings(sampler="euler")
+        SampleSettings(sampler="plms")
     with pytest.raises(ValueError, match="eta"):
         SampleSettings(eta=0.5)
     with pytest.raises(ValueError, match="num_steps"):
@@ -385,7 +386,7 @@ def test_sample_fid_resumes_shard_by_shard_and_matches_any_device_count(official
     _, ours = official
     settings = SampleSettings(num_steps=2, cfg_scale=1.5)
     kw = dict(num_samples=11, seed=4, manifest=dict(model="tiny"), progress=False)
-    s8 = Sampler.for_model(ours, settings, mesh=data_mesh())
+    s8 = Sampler(ours, settings, mesh=data_mesh())
     dec = CountingDecode()
     out = sample_fid(s8, dec, tmp_path / "run", shard_size=4, **kw)
     assert out == tmp_path / "run.npz" and dec.calls == 3  # shards of 4, 4, 3
@@ -408,7 +409,7 @@ def test_sample_fid_resumes_shard_by_shard_and_matches_any_device_count(official
         np.testing.assert_array_equal(f["arr_0"], first)
 
     # one device, other shard size: identical images (per-example keys)
-    s1 = Sampler.for_model(ours, settings, mesh=data_mesh(jax.devices()[:1]))
+    s1 = Sampler(ours, settings, mesh=data_mesh(jax.devices()[:1]))
     out3 = sample_fid(s1, CountingDecode(), tmp_path / "one", shard_size=5, **kw)
     with np.load(out3) as f:
         np.testing.assert_allclose(f["arr_0"].astype(int), first.astype(int), atol=1)  # rounding at a level edge

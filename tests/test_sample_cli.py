@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A 2-step digits run of a tiny DiT (one checkpoint, with EMA weights)."""
-    from dit_jax.train.config_io import load_config
+    from dit_jax.train.config_load import load_config
     from dit_jax.train.loop import train
 
     workdir = tmp_path_factory.mktemp("run")

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from dit_jax.diffusion import create_diffusion
+from dit_jax.train.config_schema import base_config
 from dit_jax.train.optim import ema_params, make_optimizer
 from dit_jax.train.sharding import make_mesh, param_shardings, shard_batch
 from dit_jax.train.state import abstract_state, init_state
@@ -23,18 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_model_cfg(**kw):
-    cfg = ml_collections.ConfigDict(dict(
-        variant="S/2", depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, in_channels=1,
-        num_classes=10, learn_sigma=True, class_dropout_prob=0.1, block_type="adaLN-Zero", dtype="float32",
-        attn_impl="xla", scan_blocks=False, remat_policy="none",
-    ))
+    """config.model from the schema: a tiny DiT-S/2 (depth 2, width 64) on 8x8x1 inputs, 10 classes."""
+    cfg = base_config().model
+    cfg.update(dict(variant="S/2", depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, in_channels=1,
+                    num_classes=10))
     cfg.update(kw)
     return cfg
 
 
 def optim_cfg():
-    return ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                                          grad_clip_norm=0.0, warmup_steps=0, ema_decay=0.9))
+    cfg = base_config().optim
+    cfg.update(dict(lr=1e-3, ema_decay=0.9))
+    return cfg
 
 
 def one_step(mesh, fsdp: bool, model_cfg, latent: bool = False):
@@ -134,7 +133,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     saved = a.data_state if isinstance(a.data_state, dict) else json.loads(a.data_state)
     assert saved["position"] == 2 * n  # the consumed position: batches prefetched to the devices are not counted
     from dit_jax.data import make_train_iterator
-    from dit_jax.train.config_io import config_from_dict
+    from dit_jax.train.config_load import config_from_dict
 
     cfg = config_from_dict(a.config)
     batches = []
@@ -148,7 +147,7 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     from dit_jax.train import loop
-    from dit_jax.train.config_io import load_config
+    from dit_jax.train.config_load import load_config
 
     real = loop.make_train_iterator
 
@@ -217,7 +216,7 @@ def test_sigterm_saves_current_step_and_resume_continues(tmp_path):
 
 
 def test_periodic_ema_sample_grids_and_logs(tmp_path):
-    from dit_jax.train.config_io import load_config
+    from dit_jax.train.config_load import load_config
     from dit_jax.train.loop import train
     from dit_jax.train.metrics import read_jsonl
 

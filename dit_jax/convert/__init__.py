@@ -6,7 +6,7 @@
     load_diffusers_dit_folder(model, path)      a diffusers folder (config.json + safetensors), numpy only
     dit_from_diffusers_config(config)           the DiT a diffusers config.json describes
     read_state_dict(path) / read_pt(path)       .pt (weights_only, torch optional) or .safetensors -> numpy
-    load_converted(path)                        the output of `dit-jax convert`
+    load_converted(path)                        the output of `dit-jax convert` (convert/folder.py)
     load_official_ddt(model, state_dict)        MCG-NJU/DDT checkpoints (Lightning, ema_denoiser.*) -> DDT
 """
 
@@ -30,6 +30,7 @@ from dit_jax.convert.diffusers_dit import (
 from dit_jax.convert.diffusers_vae import load_diffusers_vae, load_diffusers_vae_folder
 from dit_jax.convert.official_dit import infer_official_arch, load_official_dit, to_official_state_dict
 from dit_jax.convert.ddt import load_official_ddt
+from dit_jax.convert.folder import load_converted
 from dit_jax.convert.pt_reader import read_pt, read_state_dict, read_train_args
 from dit_jax.convert.inception import load_inception, load_inception_file  # noqa: F401  (FID Inception-v3)
 
@@ -59,9 +60,3 @@ __all__ = [
     "unwrap_checkpoint",
 ]
 
-
-def load_converted(path, **overrides):
-    """The DiT written by `dit-jax convert` (see dit_jax.convert.cli.load_converted)."""
-    from dit_jax.convert.cli import load_converted as _load
-
-    return _load(path, **overrides)

@@ -355,13 +355,6 @@ def assign(model: DiT, values: Mapping[str, np.ndarray]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Files.
 # ----------------------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (the weights cache's own hasher: one implementation for both)."""
-    from dit_jax.weights.transfer import sha256_of  # stdlib-only module
-
-    return sha256_of(path)
-
-
 # safetensors dtype codes (https://github.com/huggingface/safetensors, "Format") -> numpy dtypes.
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,

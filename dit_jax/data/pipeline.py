@@ -50,12 +50,11 @@ _OLD_FORMAT = "dit-jax-data-v1"  # per-process order (before the global order): 
 _MAX_NAMED_BAD = 10  # bad records named in warnings and in the state
 _STREAM_LENGTH = 2**48  # positions of the endless stream grain indexes (its samplers need a length)
 _IDENTITY_DEFAULTS = {"images": False}  # identity fields added later: what states saved before them meant
-
-
-def _get(cfg: Any, name: str, default: Any) -> Any:
-    """cfg.name, or default when the field is missing (ml_collections ConfigDict, dataclass, namespace)."""
-    value = getattr(cfg, name, default)
-    return default if value is None else value
+# grain's reading: batches each worker process keeps ready, and the threads and buffer that read records ahead of
+# use. Its default buffer of 500 costs O(buffer) per record (grain 0.2.18 polls every ready future), about 1 ms a
+# record, so keep it small; the in-memory digits need no read threads at all
+WORKER_BUFFER_SIZE = 2
+READ_THREADS, READ_BUFFER = 16, 64
 
 
 class GlobalOrder:
@@ -126,17 +125,15 @@ def build_source(data_cfg: Any, *, seed: int = 0, with_images: bool = False) -> 
     their stored uint8 image (REPA's target encoder reads the clean image); latents extracted without
     images are refused. Pixel sources need nothing extra: their x is the image.
     """
-    kind = _get(data_cfg, "source", "digits")
-    image_size = int(_get(data_cfg, "image_size", 16 if kind == "digits" else 256))
-    channels = int(_get(data_cfg, "channels", 1 if kind == "digits" else 3))
-    flip = bool(_get(data_cfg, "random_flip", kind != "digits"))
-    num_classes = getattr(data_cfg, "num_classes", None)
-    num_classes = None if num_classes is None else int(num_classes)
+    kind = data_cfg.source
+    image_size, channels = int(data_cfg.image_size), int(data_cfg.channels)
+    flip = bool(data_cfg.random_flip)
+    num_classes = int(data_cfg.num_classes)
     meta: dict[str, Any] = {}
     image_shape = None
 
     if kind == "digits":
-        if num_classes is not None and num_classes != 10:
+        if num_classes != 10:
             raise ValueError(f"data.source='digits' has 10 classes but data.num_classes={num_classes}")
         source = DigitsSource(image_size, channels)
         ops: list = [RandomFlip()] if flip else []
@@ -145,20 +142,19 @@ def build_source(data_cfg: Any, *, seed: int = 0, with_images: bool = False) -> 
     elif kind in ("tfds", "folder"):
         if kind == "tfds":
             source = TfdsSource(
-                _get(data_cfg, "name", "imagenet2012"),
-                _get(data_cfg, "split", "train"),
-                getattr(data_cfg, "data_dir", None) or None,  # "" (the config default) = TFDS default
+                data_cfg.name,
+                data_cfg.split,
+                data_cfg.data_dir or None,  # "" (the config default) = TFDS default
             )
             tfds_classes = _tfds_num_classes(source)
-            if num_classes is not None and tfds_classes is not None and tfds_classes != num_classes:
+            if tfds_classes is not None and tfds_classes != num_classes:
                 raise ValueError(f"TFDS {source.name} has {tfds_classes} classes but data.num_classes={num_classes}")
-            num_classes = num_classes if num_classes is not None else tfds_classes
         else:
-            path = getattr(data_cfg, "path", None)
+            path = data_cfg.path
             if not path:
                 raise ValueError("data.source='folder' needs data.path (root/<class>/<images>)")
             source = ImageFolderSource(path)
-            if num_classes is not None and num_classes != source.num_classes:
+            if num_classes != source.num_classes:
                 raise ValueError(
                     f"image folder {str(path)!r} has {source.num_classes} class sub-folders but "
                     f"data.num_classes={num_classes}"
@@ -170,16 +166,15 @@ def build_source(data_cfg: Any, *, seed: int = 0, with_images: bool = False) -> 
         ops.append(ToFloat())
         shape = (image_size, image_size, channels)
     elif kind == "latents":
-        path = getattr(data_cfg, "path", None)
+        path = data_cfg.path
         if not path:
             raise ValueError("data.source='latents' needs data.path (an .array_record file, directory or glob)")
         source = LatentsSource(path)
         meta = dict(source.meta)
-        cfg_size = getattr(data_cfg, "image_size", None)
-        if cfg_size is not None and meta.get("image_size") is not None and int(meta["image_size"]) != int(cfg_size):
+        if meta.get("image_size") is not None and int(meta["image_size"]) != image_size:
             raise ValueError(
                 f"latents at {str(path)!r} were extracted at image_size {meta['image_size']}, "
-                f"but data.image_size={cfg_size}"
+                f"but data.image_size={image_size}"
             )
         if flip and not meta.get("flip"):
             log.warning(
@@ -423,9 +418,9 @@ def make_train_iterator(
 ) -> TrainIterator:
     """An endless, checkpointable iterator of this process's rows of every global batch (module docstring).
 
-    data_cfg fields (attribute access; missing ones take defaults): source ("digits" | "tfds" |
-    "folder" | "latents"), name ("imagenet2012"), split ("train"), data_dir (None), path, image_size,
-    channels, random_flip, num_workers (0), num_classes, worker_buffer_size (2).
+    data_cfg: config.data (dit_jax.train.config_schema.base_config: every field, its default there): source
+    ("digits" | "tfds" | "folder" | "latents"), name, split, data_dir ("" = TFDS's default), path, image_size,
+    channels, random_flip, num_workers, num_classes.
     rows: the rows of each global batch this process reads, in order (the trainer passes those of its devices);
     default: block process_index of process_count (both default to JAX's).
     next(it) -> {"x": float32 (len(rows), H, W, C), "y": int32}; x in [-1, 1] for images, [mean | logvar] on the
@@ -452,7 +447,7 @@ def make_train_iterator(
     if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= global_batch or len(set(rows.tolist())) != len(rows):
         raise ValueError(f"rows must be distinct indices in [0, {global_batch}), got {rows.tolist()[:16]}")
     seed = int(seed) % (2**32)
-    num_workers = int(_get(data_cfg, "num_workers", 0))
+    num_workers = int(data_cfg.num_workers)
 
     if num_workers > 0:
         _absl_flags_parsed()
@@ -465,12 +460,9 @@ def make_train_iterator(
     return TrainIterator(
         source, ops, order=GlobalOrder(len(source), seed), global_batch=global_batch, rows=rows,
         identity=identity, info=info, num_workers=num_workers,
-        worker_buffer_size=int(_get(data_cfg, "worker_buffer_size", 2)),
-        # grain reads records in threads ahead of use; its default buffer of 500 costs O(buffer) per record
-        # (grain 0.2.18 polls every ready future), about 1 ms a record, so keep it small; in-memory digits
-        # need no read threads at all
+        worker_buffer_size=WORKER_BUFFER_SIZE,
         read_options=grain.ReadOptions(
-            num_threads=int(_get(data_cfg, "read_threads", 0 if info["kind"] == "digits" else 16)),
-            prefetch_buffer_size=int(_get(data_cfg, "read_buffer", 0 if info["kind"] == "digits" else 64)),
+            num_threads=0 if info["kind"] == "digits" else READ_THREADS,
+            prefetch_buffer_size=0 if info["kind"] == "digits" else READ_BUFFER,
         ),
     )

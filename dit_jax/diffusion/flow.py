@@ -11,8 +11,9 @@ with Euler (ODE), Heun (the reference's form: x <- x + (v + v') dt / 2 with v' a
 v' reused as the next step's predictor velocity, so N steps cost N model calls), or
 Euler-Maruyama in the variance-preserving form
     x <- x + v dt + 0.5 * w * score * dt + sqrt(w dt) * N(0, I),   score = (t v - x) / (1 - t),  w = 1 - t,
-with a plain Euler last step. Classifier-free guidance runs the model on [uncond | cond] and applies scale s
-only where interval_min < t < interval_max (scale 1 elsewhere), on every channel.
+with a plain Euler last step. Classifier-free guidance runs the model on each example's conditional and
+unconditional pass (dit_jax.diffusion.guidance's batch order) and applies scale s only where
+interval_min < t < interval_max (scale 1 elsewhere), on every channel.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dit_jax.diffusion import guidance
+from dit_jax.diffusion.utils import is_key_batch
 
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B, ...), t (B,)) -> v (B, ...)
 T_DISTS = ("logit_normal", "uniform")
@@ -111,9 +115,10 @@ def guidance_scale(t: jax.Array, scale: float, lo: float, hi: float) -> jax.Arra
 
 
 def guide(out: jax.Array, scale: jax.Array) -> jax.Array:
-    """out = [uncond | cond] (2B, ...) -> uncond + scale (cond - uncond) (B, ...), every channel."""
-    uncond, cond = jnp.split(out, 2, axis=0)
-    return uncond + scale * (cond - uncond)
+    """out (2B, ...) of a paired batch (dit_jax.diffusion.guidance) -> uncond + scale (cond - uncond) (B, ...),
+    every channel."""
+    cond, uncond = guidance.unpair(out)
+    return guidance.combine(cond, uncond, scale)
 
 
 def score_from_velocity(x: jax.Array, v: jax.Array, t: jax.Array) -> jax.Array:
@@ -126,8 +131,9 @@ def sample(
     velocity_fn: VelocityFn, noise: jax.Array, settings: FlowSampleSettings, key: jax.Array | None = None
 ) -> jax.Array:
     """Integrate from noise (t = 0) to data (t = 1). velocity_fn(x, t (B,)) returns the (already guided) velocity.
-    key: needed by euler_maruyama only (step i draws from fold_in(key, i)). One lax.scan over the steps, so the
-    compiled size does not grow with num_steps; call it under jax.jit."""
+    key: needed by euler_maruyama only: one key (step i draws the batch's noise from fold_in(key, i)) or one key per
+    example (B,) (example b's step-i noise from fold_in(key[b], i), so a sample does not depend on its batch).
+    One lax.scan over the steps, so the compiled size does not grow with num_steps; call it under jax.jit."""
     if settings.sampler == "euler_maruyama" and key is None:
         raise ValueError("the euler_maruyama sampler needs a key")
     times = settings.times()
@@ -150,7 +156,10 @@ def sample(
         v = velocity_fn(x, tc)
         if settings.sampler == "euler_maruyama":
             w = 1.0 - t_cur
-            eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+            if is_key_batch(key):
+                eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype))(key)
+            else:
+                eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
             sde = x + v * dt + 0.5 * w * score_from_velocity(x, v, tc) * dt + jnp.sqrt(w * dt) * eps
             return (jnp.where(last, x + v * dt, sde), v_prev), None  # the last step is plain Euler
         return (x + v * dt, v_prev), None
@@ -161,13 +170,13 @@ def sample(
 
 def guided_velocity(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], labels: jax.Array,
                     null_class: int, settings: FlowSampleSettings) -> VelocityFn:
-    """(x, t) -> guided v, calling model_fn(x2, t2, y2) once on [uncond | cond] (DDT's cfg batch order)."""
+    """(x, t) -> guided v, calling model_fn(x2, t2, y2) once on the paired batch (dit_jax.diffusion.guidance)."""
     if settings.cfg_scale == 1.0:
         return lambda x, t: model_fn(x, t, labels)
-    y2 = jnp.concatenate([jnp.full_like(labels, null_class), labels])
+    y2 = guidance.paired_labels(labels, null_class)
 
     def fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y2)
+        out = model_fn(guidance.paired(x), guidance.paired(t), y2)
         return guide(out, guidance_scale(t[0], settings.cfg_scale, settings.interval_min, settings.interval_max))
 
     return fn

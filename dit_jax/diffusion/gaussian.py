@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .utils import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .utils import discretized_gaussian_log_likelihood, is_key_batch, mean_flat, normal_kl
 
 Model = Callable[..., Any]
 
@@ -165,13 +165,6 @@ def _split_output(model_output: Any) -> tuple[jax.Array, Any]:
     if isinstance(model_output, tuple):
         return model_output[0], model_output[1]
     return model_output, None
-
-
-def _is_key_batch(key: Any) -> bool:
-    """True for a batch of keys, one per example: typed keys of shape (B,), raw uint32 keys of shape (B, 2)."""
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key.ndim == 1
-    return key.ndim == 2
 
 
 def _tqdm(iterable: Sequence[int], enabled: bool) -> Iterable[int]:
@@ -499,7 +492,7 @@ class GaussianDiffusion:
                 what = "the initial noise and the per-step noise" if noise is None else "the per-step noise"
                 raise ValueError(f"{name} needs key= (a jax.random key) for {what}")
             return self._as_carry(noise), None
-        if _is_key_batch(key):
+        if is_key_batch(key):
             if key.shape[0] != shape[0]:
                 raise ValueError(f"{name}: {key.shape[0]} per-example keys for a batch of {shape[0]}")
             pairs = jax.vmap(jax.random.split)(key)  # (B, 2[, 2])
@@ -533,13 +526,25 @@ class GaussianDiffusion:
             t = jnp.full((shape[0],), i, jnp.int32)
             if step_key is None:  # only when no step needs noise (see _loop_start)
                 noise = jnp.zeros(tuple(shape), jnp.float32)
-            elif _is_key_batch(step_key):  # one key per example
+            elif is_key_batch(step_key):  # one key per example
                 noise = jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(step_key)
             else:
                 noise = jax.random.normal(step_key, tuple(shape), jnp.float32)
             return sampler(model, x, t, model_kwargs=model_kwargs, noise=noise, **kwargs)
 
         return step
+
+    def loop_step(
+        self, kind: str, model: Model, x: jax.Array, i: jax.Array, step_key: jax.Array | None,
+        model_kwargs: dict[str, Any] | None = None, **kwargs: Any,
+    ) -> jax.Array:
+        """One step of p_sample_loop (kind "ddpm") or ddim_sample_loop (kind "ddim", eta= in kwargs) at spaced
+        index i, with the noise of step_keys[n] from loop_noise: a Python loop of these (jitted, with the weights
+        as an argument) gives the loop's result step by step (a progress bar)."""
+        if kind not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown loop kind {kind!r}; expected ddpm or ddim")
+        step = self._step_fn(kind, model, x.shape, **kwargs)
+        return step(x, i, step_key, {} if model_kwargs is None else model_kwargs)["sample"]
 
     def _scan_loop(self, step: Callable[..., dict], x: jax.Array, step_keys: jax.Array | None, model_kwargs: dict):
         indices = jnp.arange(self.num_timesteps - 1, -1, -1, dtype=jnp.int32)

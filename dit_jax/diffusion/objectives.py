@@ -20,11 +20,13 @@ DIFFUSION_SAMPLERS = ("ddpm", "ddim")
 class Objective:
     """samplers: the sampling methods of dit_jax.sampling that apply (the first is the default); time_input: what
     the model reads as its time ("timestep": the integer step of the 1000-step process; "time": t in [0, 1] times
-    the run's flow.time_scale)."""
+    the run's flow.time_scale); title: its name in messages. A config's settings of objective NAME are the section
+    config.NAME (diffusion.*, flow.*)."""
 
     name: str
     samplers: tuple[str, ...]
     time_input: str
+    title: str = ""
 
     @property
     def default_sampler(self) -> str:
@@ -32,8 +34,8 @@ class Objective:
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "diffusion": Objective("diffusion", DIFFUSION_SAMPLERS, "timestep"),
-    "flow": Objective("flow", FLOW_SAMPLERS, "time"),
+    "diffusion": Objective("diffusion", DIFFUSION_SAMPLERS, "timestep", title="Gaussian diffusion"),
+    "flow": Objective("flow", FLOW_SAMPLERS, "time", title="flow matching"),
 }
 SAMPLERS: tuple[str, ...] = tuple(m for o in OBJECTIVES.values() for m in o.samplers)
 

@@ -14,6 +14,13 @@ import jax.numpy as jnp
 ArrayLike = jax.Array | float
 
 
+def is_key_batch(key: jax.Array) -> bool:
+    """True for a batch of keys, one per example: typed keys of shape (B,), raw uint32 keys of shape (B, 2)."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.ndim == 1
+    return key.ndim == 2
+
+
 def mean_flat(x: jax.Array) -> jax.Array:
     """(B, ...) -> (B,): mean over every axis but the first (the batch)."""
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))

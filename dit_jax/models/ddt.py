@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.models.dit import check_inputs
+from dit_jax.models.dit import MODEL_SIZES, check_inputs
 from dit_jax.models.layers import (
     Dtype,
     LabelEmbedder,
@@ -382,14 +382,13 @@ class DDT(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sizes. XL/2 is the paper's 22 encoder + 6 decoder blocks (674,646,352 parameters); B/2 and L/2 follow the
-# paper's 8En4De and 20En4De; S/2 (not in the paper) takes B's split at DiT-S width.
+# Sizes: DiT's (dit_jax.models.dit.MODEL_SIZES: depth, width, heads) split into encoder + decoder blocks. XL/2 is
+# the paper's 22 encoder + 6 decoder blocks (674,646,352 parameters); B/2 and L/2 follow the paper's 8En4De and
+# 20En4De; S/2 (not in the paper) takes B's split at DiT-S width.
 # ----------------------------------------------------------------------------------------------------------
+DDT_ENCODER_BLOCKS: dict[str, int] = {"S": 8, "B": 8, "L": 20, "XL": 22}
 DDT_SIZES: dict[str, dict[str, int]] = {
-    "S": dict(depth=12, hidden_size=384, num_heads=6, num_encoder_blocks=8),
-    "B": dict(depth=12, hidden_size=768, num_heads=12, num_encoder_blocks=8),
-    "L": dict(depth=24, hidden_size=1024, num_heads=16, num_encoder_blocks=20),
-    "XL": dict(depth=28, hidden_size=1152, num_heads=16, num_encoder_blocks=22),
+    size: dict(MODEL_SIZES[size], num_encoder_blocks=n) for size, n in DDT_ENCODER_BLOCKS.items()
 }
 
 

@@ -42,40 +42,37 @@ def _sizes(decoded: dict[str, int], model_cfg: Any, keys: tuple[str, ...]) -> di
     return decoded
 
 
+# The config.model fields each family reads: the sizes (0 = the variant's), and the options passed to the
+# constructor as they are (besides model.variant and model.dtype, read by every family)
+_SIZE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
+_DIT_SIZES = _SIZE_KEYS
+_DDT_SIZES = (*_SIZE_KEYS, "num_encoder_blocks")
+_DIT_OPTIONS = ("input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob", "block_type",
+                "attn_impl", "scan_blocks", "remat_policy")
+_DDT_OPTIONS = ("input_size", "in_channels", "num_classes", "class_dropout_prob", "attn_impl")
+
+
+def _options(model_cfg: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: getattr(model_cfg, k) for k in keys}
+
+
 def _dit_kwargs(model_cfg: Any, repa_cfg: Any = None) -> dict[str, Any]:
     """config.model (arch=dit) -> DiT constructor keywords."""
     del repa_cfg  # REPA applies to a DDT only (the config checks refuse it here)
-    arch = _sizes(decode_variant(model_cfg.variant), model_cfg, ("depth", "hidden_size", "num_heads", "patch_size"))
-    return dict(
-        arch,
-        input_size=model_cfg.input_size,
-        in_channels=model_cfg.in_channels,
-        num_classes=model_cfg.num_classes,
-        learn_sigma=model_cfg.learn_sigma,
-        class_dropout_prob=model_cfg.class_dropout_prob,
-        block_type=model_cfg.block_type,
-        dtype=compute_dtype(model_cfg.dtype),
-        attn_impl=model_cfg.attn_impl,
-        scan_blocks=model_cfg.scan_blocks,
-        remat_policy=model_cfg.remat_policy,
-    )
+    arch = _sizes(decode_variant(model_cfg.variant), model_cfg, _DIT_SIZES)
+    return dict(arch, **_options(model_cfg, _DIT_OPTIONS), dtype=compute_dtype(model_cfg.dtype))
 
 
 def _ddt_kwargs(model_cfg: Any, repa_cfg: Any = None) -> dict[str, Any]:
     """config.model (arch=ddt) -> DDT constructor keywords: the variant's sizes (dit_jax.models.ddt.DDT_SIZES),
     explicit sizes (> 0) overriding them; the REPA projector when repa.weight > 0."""
-    arch = _sizes(decode_ddt_variant(model_cfg.variant), model_cfg,
-                  ("depth", "hidden_size", "num_heads", "patch_size", "num_encoder_blocks"))
+    arch = _sizes(decode_ddt_variant(model_cfg.variant), model_cfg, _DDT_SIZES)
     arch["num_encoder_blocks"] = min(arch["num_encoder_blocks"], arch["depth"] - 1)
     repa = repa_cfg is not None and repa_cfg.weight > 0
     return dict(
         arch,
-        input_size=model_cfg.input_size,
-        in_channels=model_cfg.in_channels,
-        num_classes=model_cfg.num_classes,
-        class_dropout_prob=model_cfg.class_dropout_prob,
+        **_options(model_cfg, _DDT_OPTIONS),
         dtype=compute_dtype(model_cfg.dtype),
-        attn_impl=model_cfg.attn_impl,
         repa_dim=int(repa_cfg.proj_dim) if repa else 0,
         repa_hidden=int(repa_cfg.proj_hidden) if repa else 0,
     )
@@ -85,7 +82,10 @@ def _ddt_kwargs(model_cfg: Any, repa_cfg: Any = None) -> dict[str, Any]:
 class Family:
     """One architecture. kwargs(model_cfg, repa_cfg) -> the constructor's keywords; variants: the released sizes
     by name; objectives: what it trains with (the first is the default); analytic_macs: the FLOP counter uses the
-    paper's closed form (else it traces the forward)."""
+    paper's closed form (else it traces the forward); title: its name in messages; model_keys: the config.model
+    fields kwargs reads (the config checks call any other model.* key set on the command line inapplicable);
+    fixed: config.model values built into the family (a DDT predicts the velocity only: learn_sigma=False);
+    repa: REPA can align one of its (encoder) blocks to a frozen target encoder."""
 
     name: str
     cls: type
@@ -94,14 +94,21 @@ class Family:
     kwargs: Callable[..., dict[str, Any]]
     objectives: tuple[str, ...]
     analytic_macs: bool
+    title: str = ""
+    model_keys: tuple[str, ...] = ()
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    repa: bool = False
 
     def build(self, model_cfg: Any, seed: int = 0, repa_cfg: Any = None) -> nnx.Module:
         return self.cls(**self.kwargs(model_cfg, repa_cfg), rngs=nnx.Rngs(seed))
 
 
 FAMILIES: dict[str, Family] = {
-    "dit": Family("dit", DiT, DiT_models, decode_variant, _dit_kwargs, ("diffusion", "flow"), analytic_macs=True),
-    "ddt": Family("ddt", DDT, DDT_models, decode_ddt_variant, _ddt_kwargs, ("flow",), analytic_macs=False),
+    "dit": Family("dit", DiT, DiT_models, decode_variant, _dit_kwargs, ("diffusion", "flow"), analytic_macs=True,
+                  title="DiT", model_keys=("variant", "dtype", *_DIT_SIZES, *_DIT_OPTIONS)),
+    "ddt": Family("ddt", DDT, DDT_models, decode_ddt_variant, _ddt_kwargs, ("flow",), analytic_macs=False,
+                  title="DDT", model_keys=("variant", "dtype", *_DDT_SIZES, *_DDT_OPTIONS),
+                  fixed={"learn_sigma": False}, repa=True),
 }
 
 

@@ -14,9 +14,11 @@ attention is as fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -86,3 +88,12 @@ def uses_splash(model: object) -> bool:
     from flax import nnx
 
     return any(getattr(m, "attn_impl", None) == "splash" for _, m in nnx.iter_modules(model))
+
+
+def mesh_context(mesh: jax.sharding.Mesh, attn_impl: str) -> Any:
+    """`jax.set_mesh(mesh)` when the model needs the ambient mesh at trace time (splash attention runs its
+    Pallas kernel under shard_map over the batch axes); a no-op context otherwise. set_mesh acts when it is
+    constructed: call this in the `with` statement, not ahead of it."""
+    if attn_impl == "splash":
+        return jax.set_mesh(mesh)
+    return contextlib.nullcontext()

@@ -17,7 +17,18 @@ from typing import Any, Callable
 from dit_jax import distributed
 
 
+# This module holds two commands: `dit-jax train` (run_train) and `dit-jax demo` (run_demo: train configs/digits.py,
+# then sample and score; its work is dit_jax/train/demo.py).
+DEMO_CONFIG = "configs/digits.py"
+
+
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
+    """Add command `name`: "train" (handler run_train) or "demo" (handler run_demo)."""
+    if name == "demo":
+        _register_demo(subparsers, name)
+        return
+    if name != "train":
+        raise ValueError(f"dit_jax.train.cli defines the commands train and demo, not {name!r}")
     p = subparsers.add_parser(
         name,
         description=__doc__,
@@ -26,7 +37,17 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--workdir", required=True, help="output folder (local path or gs://...)")
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     distributed.add_arguments(p)
-    p.set_defaults(func=run, accepts_overrides=True)
+    p.set_defaults(func=run_train, accepts_overrides=True)
+
+
+def _register_demo(subparsers: argparse._SubParsersAction, name: str) -> None:
+    p = subparsers.add_parser(name)
+    p.add_argument("--workdir", default="runs/digits", help="output folder (default: runs/digits)")
+    p.add_argument("--config", default=DEMO_CONFIG, help=f"config file (default: {DEMO_CONFIG})")
+    p.add_argument("--per-class", type=int, default=20, help="samples per class (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    p.set_defaults(func=run_demo, accepts_overrides=True)
 
 
 # what the trainer writes in a workdir: name -> is a folder
@@ -59,8 +80,8 @@ def load_run_config(spec: str, overrides: list[str], workdir: str,
     import jax
 
     from dit_jax.errors import UsageError
-    from dit_jax.train.config_check import check_run
-    from dit_jax.train.config_io import ConfigError, load_config
+    from dit_jax.train.config_load import load_config
+    from dit_jax.train.config_schema import ConfigError, check_run
 
     try:
         config = load_config(spec, overrides)
@@ -73,7 +94,8 @@ def load_run_config(spec: str, overrides: list[str], workdir: str,
     return config
 
 
-def run(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
+    """Carry out `dit-jax train`; errors are raised (dit_jax.errors: one line, exit 1; 2 for bad usage)."""
     from dit_jax.errors import UsageError
     from dit_jax.train.loop import train
 
@@ -85,4 +107,24 @@ def run(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, args.overrides, args.workdir)
     summary = train(config, args.workdir)
     print(f"{summary['status']} at step {summary['step']}; outputs in {summary['workdir']}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Carry out `dit-jax demo` (dit_jax/train/demo.py); errors are raised (dit_jax.errors: one line, exit 1; 2
+    for bad usage)."""
+    import time
+
+    from dit_jax.errors import UsageError
+    from dit_jax.train.demo import check_demo_config, run_demo as demo
+
+    t_start = time.perf_counter()
+    overrides = list(args.overrides or [])
+    if args.per_class < 1:
+        raise UsageError(f"--per-class {args.per_class}: must be >= 1 (samples per class)")
+    for key in ("train.sample_per_class", "train.sample_num_classes"):
+        if any(o.split("=", 1)[0] == f"--config.{key}" for o in overrides):
+            raise UsageError(f"--config.{key} does not apply to the demo, which samples every class: use --per-class")
+    config = load_run_config(args.config, overrides, args.workdir, check=lambda c: check_demo_config(c, args.config))
+    demo(config, args.workdir, per_class=args.per_class, seed=args.seed, t_start=t_start)
     return 0

@@ -25,8 +25,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax.models import DDT, DiT
+from dit_jax.models.families import DTYPES, FAMILIES, family_of
 from dit_jax.train.checkpoint import SKIP, Checkpointer, CheckpointError, Restored
-from dit_jax.train.config_io import config_from_dict
+from dit_jax.train.config_load import config_from_dict
 from dit_jax.train.optim import EmaState, ema_params, make_optimizer
 from dit_jax.train.state import abstract_state
 
@@ -111,15 +112,14 @@ def load_ema_model(
 
 
 def _with_options(model: DiT | DDT, config: Any, overrides: dict[str, Any]) -> DiT | DDT:
-    from dit_jax.train.state import DTYPES, ddt_kwargs, model_kwargs
-
-    ddt = isinstance(model, DDT)
-    if ddt and "remat_policy" in overrides:
-        raise ValueError("remat_policy applies to DiT runs only")
-    kw = ddt_kwargs(config.model, config.repa) if ddt else model_kwargs(config.model)
+    fam = family_of(model)
+    kw = fam.kwargs(config.model, config.repa)
+    for k in overrides:
+        if k not in kw:  # remat_policy on a DDT
+            readers = " or ".join(f.title for f in FAMILIES.values() if k in f.model_keys)
+            raise ValueError(f"{k} applies to {readers} runs only")
     for k, v in overrides.items():
         kw[k] = DTYPES.get(v, v) if k == "dtype" else v
-    cls = DDT if ddt else DiT
-    target = nnx.eval_shape(lambda: cls(**kw, rngs=nnx.Rngs(0)))
+    target = nnx.eval_shape(lambda: fam.cls(**kw, rngs=nnx.Rngs(0)))
     nnx.update(target, nnx.state(model))
     return target

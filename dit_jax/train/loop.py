@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -21,25 +20,27 @@ from flax import nnx
 from dit_jax import distributed
 from dit_jax.data import make_train_iterator
 from dit_jax.data.prefetch import DevicePrefetch
-from dit_jax.diffusion import create_diffusion, flow
+from dit_jax.diffusion import create_diffusion
 from dit_jax.images import make_grid, to_uint8
-from dit_jax.sample import sample_latents
-from dit_jax.sample_ddt import flow_sampler as _flow_sampler
+from dit_jax.models.splash import mesh_context
+from dit_jax.perf.flops import forward_macs
+from dit_jax.perf.mfu import mfu, peak_flops_per_device
 from dit_jax.train import metrics as metrics_lib
+from dit_jax.train.chart import plot_loss
 from dit_jax.train.checkpoint import Checkpointer
-from dit_jax.train.config_io import ConfigError, config_to_dict
+from dit_jax.train.config_load import config_to_dict
+from dit_jax.train.config_schema import ConfigError, data_space
 from dit_jax.train.optim import ema_params, make_optimizer
 from dit_jax.train.run_lock import RunLock, RunLockedError
 from dit_jax.train.sharding import (
     batch_sharding,
     local_rows,
     make_mesh,
-    mesh_context,
     param_shardings,
     replicated,
     shard_batch,
 )
-from dit_jax.train.state import abstract_state, forward_macs, init_state, target_encoder
+from dit_jax.train.state import abstract_state, init_state, target_encoder
 from dit_jax.train.flow_step import make_flow_train_step
 from dit_jax.train.step import make_train_step
 
@@ -50,7 +51,7 @@ FAULT_ENV = "DIT_JAX_FAULT_AFTER_STEP"  # test hook: SIGKILL this process once t
 def diffusion_kwargs(diffusion_cfg: Any) -> dict[str, Any]:
     keys = ("timestep_respacing", "noise_schedule", "use_kl", "sigma_small", "predict_xstart", "learn_sigma",
             "rescale_learned_sigmas", "diffusion_steps")
-    return {k: getattr(diffusion_cfg, k) for k in keys if hasattr(diffusion_cfg, k)}
+    return {k: diffusion_cfg[k] for k in keys}
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -63,35 +64,21 @@ def train_flops_per_example(config: Any) -> float:
 
 
 def sample_grid(graphdef: nnx.GraphDef, params: dict, rest: dict, config: Any, key: jax.Array) -> np.ndarray:
-    """EMA samples: sample_per_class rows? -> (labels, uint8 images (N, H, W, C)), one class per row."""
+    """EMA samples -> (labels, uint8 images (N, H, W, C)), sample_per_class of each of the first classes, one class
+    per row: the objective's default sampler (ddpm, or euler for flow) with guidance on every channel, x_0 clipped
+    (pixel space). The sampler is compiled once per (graph, settings): the periodic grids do not recompile."""
+    from dit_jax.diffusion.objectives import objective
+    from dit_jax.sampling import SampleSettings, example_keys, sampler_for
+
     n_cls = min(config.train.sample_num_classes, config.model.num_classes)
     labels = np.repeat(np.arange(n_cls), config.train.sample_per_class)
-    if config.objective == "flow":
-        return labels, to_uint8(np.clip(flow_samples(graphdef, (params, rest), labels, config, key), -1, 1))
-    x = sample_latents(
-        nnx.merge(graphdef, params, rest),
-        labels,
-        key=key,
-        num_steps=config.train.sample_steps,
-        cfg_scale=config.train.sample_cfg_scale,
-        cfg_channels=None,  # pixel space: guide every channel
-        clip_denoised=True,
-    )
-    return labels, to_uint8(x)
-
-
-def flow_samples(graphdef: nnx.GraphDef, state: Any, labels: np.ndarray, config: Any, key: jax.Array) -> np.ndarray:
-    """Euler samples of a flow model (DDT, or a DiT read as a velocity model) with guidance on every channel.
-
-    state: the model's state (a tuple of nnx.State parts is merged in order). The sampler is compiled once per
-    (graph, settings), so the trainer's periodic sample grids do not recompile.
-    """
-    settings = flow.FlowSampleSettings(num_steps=config.train.sample_steps, cfg_scale=config.train.sample_cfg_scale)
-    sampler = _flow_sampler(graphdef, settings, float(config.flow.time_scale), config.model.in_channels,
-                            config.model.num_classes)
-    side, c = config.model.input_size, config.model.in_channels
-    noise = jax.random.normal(key, (len(labels), side, side, c), jnp.float32)
-    return np.asarray(sampler(state, noise, jnp.asarray(labels, jnp.int32)))
+    obj = objective(config.objective)
+    settings = SampleSettings(sampler=obj.default_sampler, num_steps=config.train.sample_steps,
+                              cfg_scale=config.train.sample_cfg_scale, cfg_channels=None,
+                              clip_denoised=obj.name == "diffusion")
+    sampler = sampler_for(graphdef, (params, rest), settings, float(config.flow.time_scale))
+    x = sampler(labels, example_keys(key, np.arange(len(labels))))
+    return labels, to_uint8(np.clip(np.asarray(x), -1, 1))
 
 
 def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -124,7 +111,7 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
     # ================================================================ input
     flow_objective = config.objective == "flow"
     repa_on = flow_objective and config.repa.weight > 0
-    latent_scale = config.data.latent_scale if config.data.source == "latents" else None
+    latent_scale = config.data.latent_scale if data_space(config) == "latent" else None
     # REPA's target encoder reads the clean images: latent shards must carry them (extract-latents --store-images)
     try:
         # this process reads the rows of every global batch that its devices hold: the data order depends on
@@ -213,7 +200,7 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
     # the device prefetcher, whose get_state() is the position after the last batch handed to the step.
     feed = DevicePrefetch(data_iter, lambda local: shard_batch(local, mesh), depth=int(config.data.prefetch))
     pending = shard_batch(probe, mesh)
-    peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
+    peak = peak_flops_per_device(jax.devices()[0])
     flops_per_step = train_flops_per_example(config) * global_batch
     total = config.train.steps
     progress = metrics_lib.Progress(total, initial=start_step) if is_main else None
@@ -254,7 +241,7 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
                 tflops_per_device=steps_per_s * flops_per_step / mesh.size / 1e12,
                 bad_records=float(feed.stats().get("bad_records", 0)),
             )
-            util = metrics_lib.mfu(flops_per_step, 1.0 / steps_per_s, mesh.size, peak)
+            util = mfu(flops_per_step, 1.0 / steps_per_s, mesh.size, peak)
             if util is not None:
                 last["mfu"] = util
             writer.write_scalars(step, last)
@@ -288,7 +275,7 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
         progress.close()
     loss_png = writer.local_dir / "loss.png"
     if is_main and writer.jsonl_path.exists():
-        metrics_lib.plot_loss(writer.jsonl_path, loss_png)
+        plot_loss(writer.jsonl_path, loss_png)
     writer.close()  # copies a remote workdir's staged logs, loss.png included
     return dict(step=step, status=status, metrics=last, workdir=str(workdir), graphdef=graphdef, state=state,
                 compile_s=compile_s, loss_png=str(loss_png))
@@ -296,7 +283,7 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
 
 def _write_samples(writer: Any, graphdef: nnx.GraphDef, state: dict, config: Any, step: int) -> None:
     """An EMA sample grid (pixel-space models only until the VAE lands), one class per row, written by process 0."""
-    if config.data.source == "latents":
+    if data_space(config) == "latent":
         return  # decoding latents needs the VAE
     params, rest = ema_params(state["opt_state"]), state["rest"]
     if jax.process_count() > 1:

@@ -1,4 +1,5 @@
-"""Training metrics: TensorBoard + JSONL writer, a tqdm progress bar, a PIL loss plot, peak FLOP/s and MFU.
+"""Training metrics: TensorBoard + JSONL writer, a tqdm progress bar. (The loss chart is dit_jax.train.chart;
+peak FLOP/s and MFU are dit_jax.perf.mfu.)
 
 Written only by the main host (MetricWriter(enabled=jax.process_index() == 0)). Layout under the workdir:
   tb/                           TensorBoard event files (tensorboardX)
@@ -21,7 +22,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -29,12 +30,9 @@ from dit_jax.paths import atomic_write
 
 __all__ = [
     "MetricWriter",
-    "PEAK_BF16_FLOPS",
     "Progress",
     "format_metrics",
-    "mfu",
-    "peak_flops_per_device",
-    "plot_loss",
+    "format_value",
     "read_jsonl",
 ]
 
@@ -68,7 +66,7 @@ class MetricWriter:
 
     enabled=False (every host but the main one) makes every method a no-op and creates nothing. Appends to an
     existing metrics.jsonl (a resumed run re-logs the steps after its last checkpoint; read_jsonl keeps both,
-    plot_loss keeps the latest value per step). `local_dir`: where the files are written (the workdir itself,
+    dit_jax.train.chart.plot_loss keeps the latest value per step). `local_dir`: where the files are written (the workdir itself,
     or the staging folder of a remote workdir, see the module docstring); `sync()` copies a remote one's.
     """
 
@@ -216,7 +214,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 # ==========================================================================================================
 # Console
 # ==========================================================================================================
-def _format_value(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A metric value as the console shows it: ints as they are, 4 significant digits, scientific when tiny or huge."""
     try:
         value = _scalar(value)
     except (TypeError, ValueError):
@@ -236,7 +235,7 @@ def _format_value(value: Any) -> str:
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
     """{"loss": 0.1234567, "lr": 1e-4, "step": 5} -> "loss=0.1235 lr=1.000e-04 step=5"."""
-    return " ".join(f"{k}={_format_value(v)}" for k, v in metrics.items())
+    return " ".join(f"{k}={format_value(v)}" for k, v in metrics.items())
 
 
 def _in_notebook() -> bool:
@@ -298,222 +297,3 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-# ==========================================================================================================
-# Loss plot (PIL only)
-# ==========================================================================================================
-_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207))
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round tick values (1, 2, 2.5, 5 x 10^k) covering [lo, hi]."""
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
-        return [lo]
-    raw = (hi - lo) / max(n - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks, t = [], first
-    while t <= hi + 1e-9 * step:
-        ticks.append(0.0 if abs(t) < step * 1e-9 else t)
-        t += step
-    return ticks
-
-
-def _tick_label(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4:
-        return f"{v / 1e3:.0f}K" if abs(v) < 1e6 else f"{v / 1e6:.3g}M"
-    return f"{v:.4g}"
-
-
-def _smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average (no lag, unlike an EMA); the window shrinks symmetrically at the ends."""
-    n, half = len(values), max(int(window), 1) // 2
-    if half == 0 or n < 3:
-        return values.copy()
-    csum = np.concatenate([[0.0], np.cumsum(values)])
-    idx = np.arange(n)
-    h = np.minimum(half, np.minimum(idx, n - 1 - idx))  # symmetric window near the edges
-    return (csum[idx + h + 1] - csum[idx - h]) / (2 * h + 1)
-
-
-def _log_ticks(lo: float, hi: float) -> list[float]:
-    """Ticks in log10 space at 1, 2, 5 x 10^k inside [lo, hi] (falls back to linear ticks when too few)."""
-    ticks = [math.log10(m * 10.0**k) for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in (1, 2, 5)]
-    ticks = [t for t in ticks if lo <= t <= hi]
-    if len(ticks) > 8:
-        ticks = [t for t in ticks if abs(t - round(t)) < 1e-9] or ticks[::3]
-    if len(ticks) < 2:
-        ticks = [math.log10(v) for v in _nice_ticks(10**lo, 10**hi, 5) if v > 0]
-    return ticks
-
-
-def plot_loss(
-    jsonl_path: str | os.PathLike,
-    png_path: str | os.PathLike,
-    keys: Sequence[str] = ("loss",),
-    *,
-    size: tuple[int, int] = (800, 480),
-    title: str | None = None,
-    log_y: bool = False,
-) -> Path:
-    """Draw `keys` of a metrics.jsonl against step: raw (light) and smoothed (dark, centred moving average) curves, axes, ticks, title,
-    legend; written atomically to png_path (size = (width, height) pixels). Records without a key, and
-    non-finite values, are skipped; of repeated steps (a resumed run) the last is kept."""
-    from PIL import Image, ImageDraw
-
-    records = read_jsonl(jsonl_path)
-    series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key in keys:
-        by_step: dict[int, float] = {}
-        for r in records:
-            v = r.get(key)
-            if isinstance(v, (int, float)) and math.isfinite(v) and (not log_y or v > 0) and "step" in r:
-                by_step[int(r["step"])] = float(v)
-        steps = np.array(sorted(by_step), dtype=np.float64)
-        series[key] = (steps, np.array([by_step[int(s)] for s in steps], dtype=np.float64))
-
-    width, height = size
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    font, title_font = _font(12), _font(15)
-    left, right, top, bottom = 72, 20, 40, 48
-    x0, x1, y0, y1 = left, width - right, top, height - bottom  # plot area (y0 top)
-    draw.text((width // 2, 12), title or f"{', '.join(keys)} vs step ({Path(jsonl_path).name})",
-              fill=(0, 0, 0), font=title_font, anchor="mt")
-
-    present = [(k, s, v) for k, (s, v) in series.items() if len(s)]
-    if not present:
-        draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
-        draw.text(((x0 + x1) // 2, (y0 + y1) // 2), "no data yet", fill=(120, 120, 120), font=font, anchor="mm")
-    else:
-        smooth = {k: _smooth(v, window=len(v) // 40) for k, _, v in present}
-        all_steps = np.concatenate([s for _, s, _ in present])
-        all_vals = np.concatenate([v for _, _, v in present])
-        fy = np.log10 if log_y else (lambda a: a)
-        sx_lo, sx_hi = float(all_steps.min()), float(all_steps.max())
-        if sx_hi == sx_lo:
-            sx_lo, sx_hi = sx_lo - 1, sx_hi + 1
-        vy = fy(all_vals)
-        vy_lo, vy_hi = float(vy.min()), float(vy.max())
-        pad = 0.05 * (vy_hi - vy_lo) if vy_hi > vy_lo else (abs(vy_hi) * 0.1 or 1.0)
-        vy_lo, vy_hi = vy_lo - pad, vy_hi + pad
-
-        def px(s: np.ndarray) -> np.ndarray:
-            return x0 + (s - sx_lo) / (sx_hi - sx_lo) * (x1 - x0)
-
-        def py(v: np.ndarray) -> np.ndarray:
-            return y1 - (fy(v) - vy_lo) / (vy_hi - vy_lo) * (y1 - y0)
-
-        # grid and ticks
-        for t in _nice_ticks(sx_lo, sx_hi, 6):
-            x = float(px(np.array(t)))
-            draw.line((x, y0, x, y1), fill=(232, 232, 232))
-            draw.line((x, y1, x, y1 + 4), fill=(0, 0, 0))
-            draw.text((x, y1 + 7), _tick_label(t), fill=(0, 0, 0), font=font, anchor="mt")
-        for t in (_log_ticks(vy_lo, vy_hi) if log_y else _nice_ticks(vy_lo, vy_hi, 6)):
-            y = y1 - (t - vy_lo) / (vy_hi - vy_lo) * (y1 - y0)
-            draw.line((x0, y, x1, y), fill=(232, 232, 232))
-            draw.line((x0 - 4, y, x0, y), fill=(0, 0, 0))
-            draw.text((x0 - 7, y), _tick_label(10**t if log_y else t), fill=(0, 0, 0), font=font, anchor="rm")
-        draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
-        draw.text(((x0 + x1) // 2, height - 8), "step", fill=(0, 0, 0), font=font, anchor="mb")
-        draw.text((8, y0 - 6), ", ".join(k for k, _, _ in present) + (" (log)" if log_y else ""),
-                  fill=(0, 0, 0), font=font, anchor="lb")
-
-        # curves: raw light, smoothed dark
-        for i, (key, steps, vals) in enumerate(present):
-            color = _COLORS[i % len(_COLORS)]
-            light = tuple(int(c + (255 - c) * 0.65) for c in color)
-            for ys, fill, w in ((vals, light, 1), (smooth[key], color, 2)):
-                pts = list(zip(px(steps).tolist(), py(ys).tolist()))
-                if len(pts) == 1:
-                    x, y = pts[0]
-                    draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=fill)
-                else:
-                    draw.line(pts, fill=fill, width=w)
-        # legend on a white box (top right)
-        labels = [f"{key} (last {_format_value(vals[-1])})" for key, _, vals in present]
-        text_w = max(draw.textlength(label, font=font) for label in labels)
-        lx = x1 - 40 - text_w
-        draw.rectangle((lx - 8, y0 + 2, x1 - 4, y0 + 10 + 16 * len(labels)), fill=(255, 255, 255), outline=(200, 200, 200))
-        for i, label in enumerate(labels):
-            ly = y0 + 10 + 16 * i
-            draw.line((lx, ly, lx + 20, ly), fill=_COLORS[i % len(_COLORS)], width=2)
-            draw.text((lx + 26, ly), label, fill=(0, 0, 0), font=font, anchor="lm")
-
-    png_path = Path(png_path)
-    _atomic_write(png_path, lambda f: img.save(f, format="PNG"))
-    return png_path
-
-
-# ==========================================================================================================
-# Peak FLOP/s and MFU
-# ==========================================================================================================
-# Dense (no sparsity) bf16 peak FLOP/s of ONE JAX device, matched against device.device_kind (lower case,
-# first match wins, so the more specific patterns come first).
-# TPU: Google Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v2, v3, v4, v5e, v5p, v6e), which
-# give per-chip peaks: v2 45 TFLOP/s and v3 123 TFLOP/s per chip of two TensorCores, and JAX shows each
-# TensorCore as a device, hence half; v4 275, v5p 459 (megacore: one device per chip), v5e 197, v6e 918 (one
-# TensorCore per chip). JAX calls v5e "TPU v5 lite", v5p "TPU v5" or "TPU v5p", v6e "TPU v6 lite".
-# NVIDIA: datasheets' dense BF16 Tensor Core numbers (the headline numbers include 2:4 sparsity, halved here):
-# H100 SXM 989.4 TFLOP/s, H100 NVL 835, H100 PCIe 756 (H100 datasheet); H200 SXM 989.4, H200 NVL 835 (H200
-# datasheet); GH200 989.4; A100 312 (SXM and PCIe, A100 datasheet); L4 121 (L4 datasheet, 242 with sparsity).
-PEAK_BF16_FLOPS: tuple[tuple[str, float | None], ...] = (
-    ("tpu v2", 45e12 / 2),
-    ("tpu v3", 123e12 / 2),
-    ("tpu v4 lite", None),  # v4i, an inference chip: unknown here
-    ("tpu v4", 275e12),
-    ("tpu v5 lite", 197e12),
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),
-    ("tpu v6 lite", 918e12),
-    ("tpu v6e", 918e12),
-    ("h100 nvl", 835e12),
-    ("h100 pcie", 756e12),
-    ("h100", 989.4e12),
-    ("h200 nvl", 835e12),
-    ("h200", 989.4e12),
-    ("gh200", 989.4e12),
-    ("a100", 312e12),
-    ("l4", 121e12),
-)
-
-
-def peak_flops_per_device(device: Any) -> float | None:
-    """Dense bf16 peak FLOP/s of one device (a jax Device or its device_kind string); None when unknown (CPU)."""
-    kind = device if isinstance(device, str) else getattr(device, "device_kind", "")
-    platform = "" if isinstance(device, str) else str(getattr(device, "platform", ""))
-    kind = kind.lower()
-    if platform == "cpu" or "cpu" in kind:
-        return None
-    for pattern, peak in PEAK_BF16_FLOPS:
-        if re.search(r"(^|[^a-z0-9])" + re.escape(pattern) + r"($|[^a-z0-9])", kind):
-            return peak
-    return None
-
-
-def mfu(model_flops_per_step: float, step_time_s: float, n_devices: int, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: model_flops_per_step / (step_time_s * n_devices * peak).
-
-    model_flops_per_step counts real FLOPs (2 x MACs) of forward and backward over the global batch; for a DiT
-    step that is about 3 x 2 x forward MACs x batch (the backward costs twice the forward). None when the peak
-    is unknown or the time is not positive.
-    """
-    if peak is None or not peak or step_time_s <= 0 or n_devices <= 0:
-        return None
-    return float(model_flops_per_step) / (float(step_time_s) * int(n_devices) * float(peak))
-

@@ -26,23 +26,6 @@ import optax
 
 PyTree = Any
 
-# Defaults for config fields that are absent (the paper's training settings, DiT paper Sec. 4).
-DEFAULTS = dict(
-    lr=1e-4,
-    weight_decay=0.0,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-8,
-    grad_clip_norm=0.0,
-    warmup_steps=0,
-    ema_decay=0.9999,
-)
-
-
-def _cfg(optim_cfg: Any, name: str) -> Any:
-    return getattr(optim_cfg, name, DEFAULTS[name]) if optim_cfg is not None else DEFAULTS[name]
-
-
 # ==========================================================================================================
 # EMA of the parameters
 # ==========================================================================================================
@@ -119,8 +102,8 @@ def make_schedule(optim_cfg: Any) -> optax.Schedule:
 
     The schedule is evaluated at adam's count, i.e. the number of updates already applied: update k (0-based)
     uses lr * min(k / warmup_steps, 1)."""
-    lr = float(_cfg(optim_cfg, "lr"))
-    warmup = int(_cfg(optim_cfg, "warmup_steps"))
+    lr = float(optim_cfg.lr)
+    warmup = int(optim_cfg.warmup_steps)
     if lr < 0:
         raise ValueError(f"optim.lr={lr} must be >= 0")
     if warmup < 0:
@@ -143,11 +126,10 @@ def current_lr(optim_cfg: Any, step: int | jax.Array) -> float:
 def make_optimizer(optim_cfg: Any) -> optax.GradientTransformation:
     """chain([clip_by_global_norm(grad_clip_norm) if > 0], adamw(schedule, b1, b2, eps, weight_decay), ema(d)).
 
-    optim_cfg: any object with (some of) the attributes lr, weight_decay, b1, b2, eps, grad_clip_norm,
-    warmup_steps, ema_decay; absent ones take the paper's values (DEFAULTS). weight_decay is always passed to
-    optax.adamw (its own default, 1e-4, is not the paper's 0)."""
-    clip = float(_cfg(optim_cfg, "grad_clip_norm"))
-    wd = float(_cfg(optim_cfg, "weight_decay"))
+    optim_cfg: config.optim (its defaults, the paper's values, are dit_jax.train.config_schema.base_config's).
+    weight_decay is always passed to optax.adamw (its own default, 1e-4, is not the paper's 0)."""
+    clip = float(optim_cfg.grad_clip_norm)
+    wd = float(optim_cfg.weight_decay)
     if clip < 0:
         raise ValueError(f"optim.grad_clip_norm={clip} must be >= 0 (0 = off)")
     if wd < 0:
@@ -158,11 +140,11 @@ def make_optimizer(optim_cfg: Any) -> optax.GradientTransformation:
     links.append(
         optax.adamw(
             learning_rate=make_schedule(optim_cfg),
-            b1=float(_cfg(optim_cfg, "b1")),
-            b2=float(_cfg(optim_cfg, "b2")),
-            eps=float(_cfg(optim_cfg, "eps")),
+            b1=float(optim_cfg.b1),
+            b2=float(optim_cfg.b2),
+            eps=float(optim_cfg.eps),
             weight_decay=wd,
         )
     )
-    links.append(ema(float(_cfg(optim_cfg, "ema_decay"))))
+    links.append(ema(float(optim_cfg.ema_decay)))
     return optax.chain(*links)

@@ -7,7 +7,6 @@ the 'fsdp' axis size divides; XLA inserts the all-gathers and reduce-scatters. S
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import jax
@@ -74,12 +73,3 @@ def shard_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     """This process's slice of the global batch -> global jax.Arrays sharded over the mesh (multi-host safe)."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
-
-
-def mesh_context(mesh: Mesh, attn_impl: str) -> Any:
-    """`jax.set_mesh(mesh)` when the model needs the ambient mesh at trace time (splash attention runs its
-    Pallas kernel under shard_map over the batch axes); a no-op context otherwise. set_mesh acts when it is
-    constructed: call this in the `with` statement, not ahead of it."""
-    if attn_impl == "splash":
-        return jax.set_mesh(mesh)
-    return contextlib.nullcontext()

@@ -14,39 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dit_jax.models import DiT
-from dit_jax.models.dit import decode_variant
+from dit_jax.models.families import family
 
 PyTree = Any
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def ddt_kwargs(model_cfg: Any, repa_cfg: Any = None) -> dict[str, Any]:
-    """config.model (arch=ddt) -> DDT constructor keywords: the variant's sizes (dit_jax.models.ddt.DDT_SIZES),
-    explicit sizes (> 0) overriding them; the REPA projector when repa.weight > 0."""
-    from dit_jax.models.ddt import decode_ddt_variant
-
-    arch = decode_ddt_variant(model_cfg.variant)
-    for k in ("depth", "hidden_size", "num_heads", "patch_size", "num_encoder_blocks"):
-        v = getattr(model_cfg, k, 0)
-        if v:
-            arch[k] = int(v)
-    arch["num_encoder_blocks"] = min(arch["num_encoder_blocks"], arch["depth"] - 1)
-    dtype = getattr(model_cfg, "dtype", "float32")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown model.dtype {dtype!r}; expected one of {tuple(DTYPES)}")
-    repa = repa_cfg is not None and repa_cfg.weight > 0
-    return dict(
-        arch,
-        input_size=model_cfg.input_size,
-        in_channels=model_cfg.in_channels,
-        num_classes=model_cfg.num_classes,
-        class_dropout_prob=getattr(model_cfg, "class_dropout_prob", 0.1),
-        dtype=DTYPES[dtype],
-        attn_impl=getattr(model_cfg, "attn_impl", "xla"),
-        repa_dim=int(repa_cfg.proj_dim) if repa else 0,
-        repa_hidden=int(repa_cfg.proj_hidden) if repa else 0,
-    )
 
 
 def target_encoder(repa_cfg: Any, seed: int = 0) -> nnx.Module:
@@ -61,59 +31,13 @@ def target_encoder(repa_cfg: Any, seed: int = 0) -> nnx.Module:
     raise ValueError(f"unknown repa.encoder {repa_cfg.encoder!r}; expected dinov2_vitb14 or random")
 
 
-def model_kwargs(model_cfg: Any) -> dict[str, Any]:
-    """config.model -> DiT constructor keywords. Explicit depth/hidden_size/num_heads/patch_size (> 0) override
-    the variant's."""
-    arch = decode_variant(model_cfg.variant)
-    for k in ("depth", "hidden_size", "num_heads", "patch_size"):
-        v = getattr(model_cfg, k, 0)
-        if v:
-            arch[k] = int(v)
-    dtype = getattr(model_cfg, "dtype", "float32")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown model.dtype {dtype!r}; expected one of {tuple(DTYPES)}")
-    return dict(
-        arch,
-        input_size=model_cfg.input_size,
-        in_channels=model_cfg.in_channels,
-        num_classes=model_cfg.num_classes,
-        learn_sigma=getattr(model_cfg, "learn_sigma", True),
-        class_dropout_prob=getattr(model_cfg, "class_dropout_prob", 0.1),
-        block_type=getattr(model_cfg, "block_type", "adaLN-Zero"),
-        dtype=DTYPES[dtype],
-        attn_impl=getattr(model_cfg, "attn_impl", "xla"),
-        scan_blocks=getattr(model_cfg, "scan_blocks", False),
-        remat_policy=getattr(model_cfg, "remat_policy", "none"),
-    )
-
-
 def build_model(model_cfg: Any, seed: int = 0, repa_cfg: Any = None) -> nnx.Module:
-    """A DiT, or a DDT when model.arch == "ddt" (with the REPA projector when repa.weight > 0)."""
-    if getattr(model_cfg, "arch", "dit") == "ddt":
-        from dit_jax.models.ddt import DDT
-
-        return DDT(**ddt_kwargs(model_cfg, repa_cfg), rngs=nnx.Rngs(seed))
-    return DiT(**model_kwargs(model_cfg), rngs=nnx.Rngs(seed))
+    """The model of config.model's family (model.arch: dit_jax.models.families), with the REPA projector when
+    repa.weight > 0."""
+    return family(model_cfg.arch).build(model_cfg, seed, repa_cfg)
 
 
-def forward_macs(model_cfg: Any) -> int:
-    """Multiply-accumulates of one forward pass of one example: analytic for a DiT (dit_jax.flops, the paper's
-    count), traced from abstract shapes for a DDT (encoder + decoder)."""
-    from dit_jax import flops
-
-    if getattr(model_cfg, "arch", "dit") == "ddt":
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, 0)))
-        side, c = model_cfg.input_size, model_cfg.in_channels
-        x = jax.ShapeDtypeStruct((1, side, side, c), jnp.float32)
-        t, y = jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
-        return flops.traced_macs(lambda st, x, t, y: nnx.merge(graphdef, st)(x, t, y), abstract, x, t, y)
-    kw = model_kwargs(model_cfg)
-    keys = ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "learn_sigma",
-            "num_classes", "block_type")
-    return flops.dit_macs(**{k: kw[k] for k in keys})
-
-
-def split_model(model: DiT) -> tuple[nnx.GraphDef, dict, dict]:
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
     """-> (graphdef, params pure dict, rest pure dict)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, params.to_pure_dict(), rest.to_pure_dict()

@@ -34,7 +34,6 @@ Offline (`offline=True`, `--offline`, DIT_JAX_OFFLINE=1 or HF_HUB_OFFLINE=1): no
 file raises OfflineError naming the path it must be copied to and the URL to fetch it from elsewhere.
 """
 
-from dit_jax.weights.cli import list_registry, register, run
 from dit_jax.weights.transfer import (
     ChecksumMismatchError,
     CorruptCacheError,
@@ -73,10 +72,7 @@ __all__ = [
     "download",
     "fetch",
     "is_offline",
-    "list_registry",
     "pretrained_dit",
     "pretrained_vae",
-    "register",
     "resolve_name",
-    "run",
 ]

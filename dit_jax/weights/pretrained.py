@@ -91,7 +91,7 @@ def _slug(path: Path) -> str:
 def _converted_ok(folder: Path, input_sha256: str | None) -> bool:
     """Whether `folder` holds a readable conversion (of the file with `input_sha256`, when given).
     Says why on stderr (via logging) when a folder exists but is unusable."""
-    from dit_jax.convert.cli import STATE_DIR, read_converted_config
+    from dit_jax.convert.folder import STATE_DIR, read_converted_config
     from dit_jax.convert.common import CheckpointReadError
 
     if not folder.exists():
@@ -130,7 +130,7 @@ def converted_dit(
     name: a registry DiT (downloaded first when not cached) -> <cache>/converted/<name>; a converted folder ->
     itself; a .pt/.safetensors file or diffusers folder -> <cache>/converted/<stem>-<sha256[:16]> (keyed by
     the input's sha256, so a changed file is converted again). convert_options go to
-    dit_jax.convert.cli.convert (variant, image_size, num_heads, ...). reconvert: convert even when cached.
+    dit_jax.convert.folder.convert (variant, image_size, num_heads, ...). reconvert: convert even when cached.
     """
     root = registry.cache_dir(cache_dir)
     options = dict(convert_options or {})
@@ -153,7 +153,7 @@ def converted_dit(
 
 def _converted_local(source: Path, root: Path, options: Mapping[str, Any], progress: bool, reconvert: bool) -> Path:
     """converted_dit for a path: a converted folder as it is, else a conversion keyed by the input's sha256."""
-    from dit_jax.convert.cli import CONFIG_FILE
+    from dit_jax.convert.folder import CONFIG_FILE
 
     if (source / CONFIG_FILE).is_file():
         return source.absolute()
@@ -168,7 +168,7 @@ def _converted_local(source: Path, root: Path, options: Mapping[str, Any], progr
 def _convert(source: Path, out: Path, options: Mapping[str, Any], progress: bool) -> None:
     import jax
 
-    from dit_jax.convert.cli import ConvertError
+    from dit_jax.convert.folder import ConvertError
 
     if progress:
         print(f"dit-jax: converting {source}\n      -> {out}", file=sys.stderr)
@@ -193,10 +193,10 @@ def _convert(source: Path, out: Path, options: Mapping[str, Any], progress: bool
 
 
 def _convert_for_loading(source: Path, out: Path, options: Mapping[str, Any]) -> None:
-    """dit_jax.convert.cli.convert, for a loader (`dit-jax sample --ckpt FILE`, pretrained_dit): a file that
+    """dit_jax.convert.folder.convert, for a loader (`dit-jax sample --ckpt FILE`, pretrained_dit): a file that
     `dit-jax convert` could read only with an option (--variant, --num-heads, ...) is not one this loader can read
     as it is, and the error says so, and what to do, instead of asking for an option the caller does not have."""
-    from dit_jax.convert.cli import ConvertError, convert
+    from dit_jax.convert.folder import ConvertError, convert
 
     try:
         convert(source, out, overwrite=True, **options)
@@ -215,7 +215,7 @@ def _check_overrides(folder: Path, overrides: Mapping[str, Any]) -> None:
     loading failure afterwards can only mean a damaged folder."""
     from flax import nnx
 
-    from dit_jax.convert.cli import read_converted_config
+    from dit_jax.convert.folder import read_converted_config
     from dit_jax.models.dit import DiT
 
     kw = dict(read_converted_config(folder)["model"])
@@ -242,7 +242,7 @@ def pretrained_dit(
     overrides: options that do not change the weights (dtype, attn_impl, remat_policy, scan_blocks).
     A damaged converted folder in the cache is reported and converted again.
     """
-    from dit_jax.convert.cli import load_converted
+    from dit_jax.convert.folder import load_converted
 
     folder = converted_dit(
         name, cache_dir=cache_dir, offline=offline, progress=progress, convert_options=convert_options

@@ -47,7 +47,7 @@ class RemoteFile:
 class Entry:
     """A downloadable set of weights.
 
-    kind "dit": one checkpoint file, stored as <cache>/downloads/<filename> and converted (dit_jax.convert.cli
+    kind "dit": one checkpoint file, stored as <cache>/downloads/<filename> and converted (dit_jax.convert.folder
     .convert with `convert_options`) into <cache>/converted/<stem>. kind "vae": a diffusers folder, stored as
     <cache>/vae/<name>/ (config.json + safetensors).
     """

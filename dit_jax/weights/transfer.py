@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import http.client
 import logging
 import os
@@ -23,7 +22,7 @@ from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
 
-from dit_jax.paths import write_text_atomic
+from dit_jax.paths import sha256_file, write_text_atomic
 
 log = logging.getLogger("dit_jax.weights")
 
@@ -74,12 +73,8 @@ class _Transient(Exception):
 # Small helpers.
 # ----------------------------------------------------------------------------------------------------------
 def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file (also behind dit_jax.convert.common.sha256_file; this module stays free of jax)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
+    """Hex sha256 of a file (dit_jax.paths.sha256_file, which dit_jax.convert also uses)."""
+    return sha256_file(path)
 
 
 def part_path(dest: Path) -> Path:

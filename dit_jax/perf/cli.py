@@ -1,11 +1,9 @@
-"""`dit-jax bench train|sample`: our throughput and, with --torch, the PyTorch reference's right after it.
+"""The `dit-jax bench` and `dit-jax flops` commands (layer 4; the libraries are dit_jax.perf.bench and
+dit_jax.perf.flops). `register(subparsers, name)` adds the parser of either; the handlers are `run_bench` and
+`run_flops`. Errors follow dit_jax/errors.py: a bad usage raises UsageError (exit 2), anything else raises (exit 1);
+only dit_jax.cli.main prints them.
 
-    dit-jax bench train  --variant S/2 --batch 32 --dtype float32 --torch    # the CPU target of issue 5
-    dit-jax bench sample --variant XL/2 --batch 64 --dtype bfloat16 --torch --torch-device cuda
-
-Ours runs in this process (dit_jax.bench); the reference runs in a fresh Python process
-(bench/torch_reference.py: diffusers' DiTTransformer2DModel, the official hybrid loss in torch, AdamW, EMA) so
-the two never share threads or memory. The ratio printed is ours / reference in images per second.
+Importing this module imports neither jax nor the libraries: each handler imports what its command needs.
 """
 
 from __future__ import annotations
@@ -21,9 +19,35 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from dit_jax.errors import MissingDependencyError
+from dit_jax.constants import BLOCK_TYPES  # the paper's block designs (section 3.2), without importing jax
+from dit_jax.errors import MissingDependencyError, UsageError
 
-TORCH_REFERENCE = Path(__file__).resolve().parents[1] / "bench" / "torch_reference.py"
+COMMAND_NAMES = ("bench", "flops")
+
+
+def register(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    """Add the parser of command `name` ("bench" or "flops") to a `dit-jax` subparsers object."""
+    if name == "bench":
+        return _register_bench(subparsers, name)
+    if name == "flops":
+        return _register_flops(subparsers, name)
+    raise ValueError(f"dit_jax.perf.cli has no command {name!r}; expected one of {COMMAND_NAMES}")
+
+
+# ==============================================================================================================
+# `dit-jax bench`
+# ==============================================================================================================
+BENCH_DESCRIPTION = """`dit-jax bench train|sample`: our throughput and, with --torch, the PyTorch reference's right after it.
+
+    dit-jax bench train  --variant S/2 --batch 32 --dtype float32 --torch    # the CPU target of issue 5
+    dit-jax bench sample --variant XL/2 --batch 64 --dtype bfloat16 --torch --torch-device cuda
+
+Ours runs in this process (dit_jax.perf.bench); the reference runs in a fresh Python process
+(bench/torch_reference.py: diffusers' DiTTransformer2DModel, the official hybrid loss in torch, AdamW, EMA) so
+the two never share threads or memory. The ratio printed is ours / reference in images per second.
+"""
+
+TORCH_REFERENCE = Path(__file__).resolve().parents[2] / "bench" / "torch_reference.py"
 TORCH_REFERENCE_NEEDS = "the PyTorch reference (--torch)"
 TORCH_REFERENCE_INSTALL = "pip install -e '.[test]' (torch and diffusers)"
 
@@ -114,7 +138,6 @@ def _finite_at_least_zero(text: str) -> float:
 def check_args(args: argparse.Namespace, device_count: int) -> None:
     """Raise UsageError, naming the flag, for what argparse cannot check alone (before any compile); make sure the
     --json file can be written (it is appended to after the measurements, minutes later)."""
-    from dit_jax.errors import UsageError
     from dit_jax.models.dit import REMAT_POLICIES, decode_variant
     from dit_jax.models.layers import ATTENTION_IMPLS
 
@@ -147,19 +170,20 @@ def check_args(args: argparse.Namespace, device_count: int) -> None:
         check_torch_reference_installed()
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace) -> int:
+    """`dit-jax bench MODE ...`: ours, then (--torch) the reference and the ratio; --json appends the results."""
     import jax
 
-    from dit_jax.bench import BenchSpec, run_bench
+    from dit_jax.perf import bench
 
     check_args(args, jax.device_count())
     dtype = args.dtype
     if dtype == "auto":  # fp32 on the CPU (and in the CPU targets), bf16 matmuls on accelerators
         dtype = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
-    spec = BenchSpec(variant=args.variant, batch=args.batch, res=args.res, dtype=dtype, scan_blocks=args.scan,
-                     remat_policy=args.remat, attn_impl=args.attn, steps=args.steps, warmup=args.warmup,
-                     windows=args.windows, devices=args.devices, cfg_scale=args.cfg_scale)
-    ours = run_bench(args.mode, spec)
+    spec = bench.BenchSpec(variant=args.variant, batch=args.batch, res=args.res, dtype=dtype,
+                           scan_blocks=args.scan, remat_policy=args.remat, attn_impl=args.attn, steps=args.steps,
+                           warmup=args.warmup, windows=args.windows, devices=args.devices, cfg_scale=args.cfg_scale)
+    ours = bench.run_bench(args.mode, spec)
     print(format_result(ours), flush=True)
     results = [ours]
     if args.torch:
@@ -176,8 +200,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: Any, name: str) -> None:
-    p = sub.add_parser(name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _register_bench(sub: Any, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("train", "sample"))
     p.add_argument("--variant", default="S/2", help="S|B|L|XL / 2|4|8 (default S/2)")
     p.add_argument("--batch", type=_int_at_least(1), default=32, help="global batch (images)")
@@ -198,4 +222,66 @@ def register(sub: Any, name: str) -> None:
     p.add_argument("--torch-amp", choices=("none", "bf16"), default="none",
                    help="reference precision: none = its default fp32 (TF32 matmuls on CUDA, as train.py)")
     p.add_argument("--json", help="append the results as JSON lines to this file")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=run_bench)
+    return p
+
+
+# ==============================================================================================================
+# `dit-jax flops`
+# ==============================================================================================================
+def _register_flops(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        description=(
+            "Print one row per DiT variant (S, B, L, XL x patch 8, 4, 2): trainable parameters in millions (the "
+            "fixed pos_embed excluded, as in the paper's Table 4) and GFLOPs of one batch-1 forward pass counted as "
+            "multiply-accumulates of matmuls and convolutions, the convention of the DiT paper (Table 4); "
+            "elementwise work is ignored. Real FLOPs are about twice that."
+        ))
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=256,
+        help="image side in pixels, a multiple of 64; the latent is image_size/8 (the paper: 256 and 512; default 256)",
+    )
+    parser.add_argument(
+        "--block-type",
+        choices=BLOCK_TYPES,
+        default="adaLN-Zero",
+        help="DiT block design (paper Figure 5; default adaLN-Zero)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
+    parser.set_defaults(func=run_flops)
+    return parser
+
+
+def run_flops(args: argparse.Namespace) -> int:
+    """Print the table (or JSON) for args.image_size and args.block_type. UsageError for a bad --image-size."""
+    image_size = args.image_size
+    if image_size <= 0 or image_size % 64:
+        # latent = image / 8 must split into 8 x 8 patches for the /8 variants
+        raise UsageError(f"--image-size must be a positive multiple of 64 (the VAE's 8 x the largest patch, 8), got "
+                         f"{image_size}; e.g. 256 or 512")
+    from dit_jax.perf.flops import flops_table, format_table
+
+    rows = flops_table(image_size=image_size, block_type=args.block_type)
+    if args.json:
+        _write(json.dumps(rows, indent=2))
+        return 0
+    latent = image_size // 8
+    _write(
+        f"DiT at {image_size}x{image_size} px (latent {latent}x{latent}x4), {args.block_type} blocks, 1000 classes\n"
+        "GFLOPs: multiply-accumulates of one forward pass with batch 1 (the paper's convention; real FLOPs ~2x); "
+        "params: trainable, the fixed pos_embed excluded (as the paper's Table 4)\n"
+        + format_table(rows)
+    )
+    return 0
+
+
+def _write(text: str) -> None:
+    """Print `text` and flush now, so that an output that cannot be written (a full disk, a closed pipe) is an
+    error of this command, naming standard output."""
+    try:
+        print(text, flush=True)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, "<standard output>") from e

@@ -1,4 +1,5 @@
-"""Analytic parameter counts and forward-pass compute of DiT, in the paper's convention, and `dit-jax flops`.
+"""Analytic parameter counts and forward-pass compute of DiT, in the paper's convention; `forward_macs` of any model
+family (the `dit-jax flops` command is dit_jax.perf.cli).
 
 Compute convention (the "Gflops" of Peebles & Xie, Tables 1 and 4 and Figure 5):
   * ONE forward pass with batch 1, counted in multiply-accumulates (MACs): a (m, k) @ (k, n) matmul is m*k*n.
@@ -34,21 +35,21 @@ plus frequency_embedding_size (256 in DiT). `variant_config("DiT-XL/2", image_si
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import inspect
 from typing import Any
 
 from dit_jax.constants import BLOCK_TYPES  # the paper's block designs (section 3.2), without importing jax
 
 COND_TOKENS = 2  # [t_emb, y_emb]: the condition sequence of the cross-attn and in-context designs
-SIZE_ORDER = ("S", "B", "L", "XL")
-PATCH_ORDER = (8, 4, 2)  # the order of the paper's Table 4: S/8, S/4, S/2, B/8, ...
 
 
 def variant_names() -> list[str]:
-    """The twelve DiT variants in the paper's Table 4 order: DiT-S/8, DiT-S/4, DiT-S/2, DiT-B/8, ..., DiT-XL/2."""
-    return [f"DiT-{size}/{p}" for size in SIZE_ORDER for p in PATCH_ORDER]
+    """The DiT variants of dit_jax.models.dit (its size and patch tables) in the paper's Table 4 order: smallest
+    width first, then the largest patch first (DiT-S/8, DiT-S/4, DiT-S/2, DiT-B/8, ..., DiT-XL/2)."""
+    from dit_jax.models.dit import MODEL_SIZES, PATCH_SIZES  # lazy: the tables live with the model (jax)
+
+    sizes = sorted(MODEL_SIZES, key=lambda s: (MODEL_SIZES[s]["hidden_size"], MODEL_SIZES[s]["depth"]))
+    return [f"DiT-{size}/{p}" for size in sizes for p in sorted(PATCH_SIZES, reverse=True)]
 
 
 def variant_config(name: str, image_size: int = 256, **overrides: Any) -> dict[str, Any]:
@@ -226,67 +227,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# CLI: `dit-jax flops`
-# --------------------------------------------------------------------------------------------------------------
-def register(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
-    """Add the `flops` subcommand to a `dit-jax` subparsers object."""
-    parser = subparsers.add_parser(
-        name,
-        description=(
-            "Print one row per DiT variant (S, B, L, XL x patch 8, 4, 2): trainable parameters in millions (the "
-            "fixed pos_embed excluded, as in the paper's Table 4) and GFLOPs of one batch-1 forward pass counted as "
-            "multiply-accumulates of matmuls and convolutions, the convention of the DiT paper (Table 4); "
-            "elementwise work is ignored. Real FLOPs are about twice that."
-        ))
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        default=256,
-        help="image side in pixels, a multiple of 64; the latent is image_size/8 (the paper: 256 and 512; default 256)",
-    )
-    parser.add_argument(
-        "--block-type",
-        choices=BLOCK_TYPES,
-        default="adaLN-Zero",
-        help="DiT block design (paper Figure 5; default adaLN-Zero)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
-    parser.set_defaults(func=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print the table (or JSON) for args.image_size and args.block_type. Returns the exit status."""
-    image_size = args.image_size
-    if image_size <= 0 or image_size % 64:
-        # latent = image / 8 must split into 8 x 8 patches for the /8 variants; a usage error (status 2)
-        print(f"dit-jax flops: error: --image-size must be a positive multiple of 64 (the VAE's 8 x the largest "
-              f"patch, 8), got {image_size}; e.g. 256 or 512", file=sys.stderr)
-        return 2
-    rows = flops_table(image_size=image_size, block_type=args.block_type)
-    if args.json:
-        _write(json.dumps(rows, indent=2))
-        return 0
-    latent = image_size // 8
-    _write(
-        f"DiT at {image_size}x{image_size} px (latent {latent}x{latent}x4), {args.block_type} blocks, 1000 classes\n"
-        "GFLOPs: multiply-accumulates of one forward pass with batch 1 (the paper's convention; real FLOPs ~2x); "
-        "params: trainable, the fixed pos_embed excluded (as the paper's Table 4)\n"
-        + format_table(rows)
-    )
-    return 0
-
-
-def _write(text: str) -> None:
-    """Print `text` and flush now, so that an output that cannot be written (a full disk, a closed pipe) is an
-    error of this command, naming standard output."""
-    try:
-        print(text, flush=True)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, "<standard output>") from e
-
-
-# --------------------------------------------------------------------------------------------------------------
 # An independent count from a traced function
 # --------------------------------------------------------------------------------------------------------------
 def traced_macs(fn: Any, *args: Any, **kwargs: Any) -> int:
@@ -346,3 +286,31 @@ def _jaxpr_macs(jaxpr: Any) -> int:
             else:
                 total += sum(subs)
     return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Any model family, from its config
+# --------------------------------------------------------------------------------------------------------------
+_COUNT_KEYWORDS = frozenset(inspect.signature(_normalise).parameters)  # what dit_macs reads of a DiT's keywords
+
+
+def forward_macs(model_cfg: Any) -> int:
+    """Multiply-accumulates of one forward pass of one example of the model config.model describes, as its family
+    (dit_jax.models.families, by model_cfg.arch) counts them: the paper's analytic count (`dit_macs`) for a family
+    with analytic_macs, else traced (`traced_macs`) from the abstract model (nnx.eval_shape: nothing allocated)."""
+    from dit_jax.models.families import family  # lazy: jax, flax and the models
+
+    fam = family(model_cfg.arch)
+    if fam.analytic_macs:
+        kwargs = fam.kwargs(model_cfg)
+        return dit_macs(**{k: v for k, v in kwargs.items() if k in _COUNT_KEYWORDS})
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: fam.build(model_cfg)))
+    side, c = model_cfg.input_size, model_cfg.in_channels
+    x = jax.ShapeDtypeStruct((1, side, side, c), jnp.float32)
+    t, y = jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
+    return traced_macs(lambda st, x, t, y: nnx.merge(graphdef, st)(x, t, y), abstract, x, t, y)

@@ -10,8 +10,9 @@ images (the model on 2 x batch inputs, model.forward_with_cfg), the unit of cost
 
 Compile time (trace + lower, XLA compile) is measured AOT and reported apart; steady state is the median of timed
 windows after warm-up, with the transfer guard on (no host synchronisation inside a window) and data already on
-the devices (input-pipeline cost is not part of these numbers). FLOPs are the model's (2 x MACs, dit_jax.flops;
-3 x forward for a train step), so TFLOP/s and MFU are comparable across implementations and hardware.
+the devices (input-pipeline cost is not part of these numbers). FLOPs are the model's (2 x MACs,
+dit_jax.perf.flops; 3 x forward for a train step), so TFLOP/s and MFU (dit_jax.perf.mfu) are comparable across
+implementations and hardware. The command is dit_jax.perf.cli.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.diffusion import create_diffusion
-from dit_jax.train import metrics as metrics_lib
-from dit_jax.train.config_io import load_config
+from dit_jax.perf.flops import forward_macs
+from dit_jax.perf.mfu import mfu, peak_flops_per_device
+from dit_jax.train.config_load import load_config
 from dit_jax.train.optim import make_optimizer
-from dit_jax.train.sharding import batch_sharding, make_mesh, mesh_context, param_shardings, replicated
-from dit_jax.train.state import abstract_state, build_model, forward_macs, init_state
+from dit_jax.models.splash import mesh_context
+from dit_jax.train.sharding import batch_sharding, make_mesh, param_shardings, replicated
+from dit_jax.train.state import abstract_state, build_model, init_state
 
 MODES = ("train", "sample")
 
@@ -119,7 +122,7 @@ def _report(spec: BenchSpec, mode: str, times: list[float], flops_per_call: floa
             devices: list, compile_info: dict[str, float], memory: dict) -> dict[str, Any]:
     step_s = statistics.median(times)
     n = len(devices)
-    peak = metrics_lib.peak_flops_per_device(devices[0])
+    peak = peak_flops_per_device(devices[0])
     tflops = flops_per_call / step_s / n / 1e12
     return dict(
         dataclasses.asdict(spec),  # the configuration, then the measurements (devices: the count used)
@@ -134,7 +137,7 @@ def _report(spec: BenchSpec, mode: str, times: list[float], flops_per_call: floa
         steps_per_s=1.0 / step_s,
         images_per_s=images_per_call / step_s,
         tflops_per_device=tflops,
-        mfu=metrics_lib.mfu(flops_per_call, step_s, n, peak),
+        mfu=mfu(flops_per_call, step_s, n, peak),
         **compile_info,
         **memory,
     )

@@ -1,16 +1,19 @@
-"""`dit-jax demo` (what `make demo` runs): train a small DiT on the bundled digits on the CPU, then sample.
+"""The demo (`dit-jax demo`, what `make demo` runs; the command is dit_jax/train/cli.py): train a small DiT on the
+bundled digits, then sample every class and score the samples.
 
-Trains configs/digits.py (scikit-learn's 8x8 digits upsampled to 16x16, one channel, ten classes, pixel space)
-into runs/digits/, then draws samples_per_class samples per class from the EMA weights with classifier-free
-guidance and writes:
+    check_demo_config(config, spec)                  UsageError for a config the demo cannot run
+    run_demo(config, workdir, per_class=20, seed=0)  train (or resume), sample, score, write; returns the report
+
+configs/digits.py (scikit-learn's 8x8 digits upsampled to 16x16, one channel, ten classes, pixel space) trains
+into the workdir; then per_class samples per class are drawn from the EMA weights with classifier-free guidance,
+and it writes:
   samples.png  one row per class        samples.npz  images uint8 (N, 16, 16, 1), labels (N,)
   loss.png     the training loss        tb/          TensorBoard events; metrics.jsonl; checkpoints/
-It scores the samples with a classifier trained on the real digits. Re-running resumes (or just re-samples).
+  demo.json    the report (steps, loss, times, the digits classifier's accuracy on real digits and on the samples)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -19,24 +22,12 @@ from typing import Any
 import jax
 import numpy as np
 
-REPO_CONFIG = "configs/digits.py"
-
-
-def register(subparsers: argparse._SubParsersAction, name: str) -> None:
-    p = subparsers.add_parser(name)
-    p.add_argument("--workdir", default="runs/digits", help="output folder (default: runs/digits)")
-    p.add_argument("--config", default=REPO_CONFIG, help=f"config file (default: {REPO_CONFIG})")
-    p.add_argument("--per-class", type=int, default=20, help="samples per class (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
-    p.set_defaults(func=run, accepts_overrides=True)
+from dit_jax.errors import UsageError
 
 
 def check_demo_config(config: Any, spec: str) -> None:
     """The demo trains on the digits, then samples every class with guidance and scores the samples with a digits
-    classifier: raise UsageError (naming the key) for a config it cannot do that with."""
-    from dit_jax.errors import UsageError
-
+    classifier: raise UsageError (naming the key) for a config it cannot do that with. spec: the --config given."""
     problems = []
     if config.data.source != "digits":
         problems.append(f"data.source={config.data.source!r}: the demo trains and scores the digits "
@@ -55,35 +46,31 @@ def check_demo_config(config: Any, spec: str) -> None:
         raise UsageError("config cannot run as the demo: " + "; ".join(problems))
 
 
-def run(args: argparse.Namespace) -> int:
-    from dit_jax.errors import UsageError
+def run_demo(config: Any, workdir: str | Path, *, per_class: int = 20, seed: int = 0,
+             t_start: float | None = None) -> dict[str, Any]:
+    """Train `config` (checked: check_demo_config) into `workdir` (or resume it), sample `per_class` samples of
+    every class with `seed`, score them, write the files listed above and print a summary; returns the report
+    written to demo.json. t_start: time.perf_counter() when the command started (the times reported count from
+    it; default now)."""
     from dit_jax.evaluate.digits_classifier import sample_accuracy
     from dit_jax.images import make_grid, save_png
-    from dit_jax.train.cli import load_run_config
     from dit_jax.train.loop import sample_grid, train
     from dit_jax.train.optim import ema_params
 
-    t_start = time.perf_counter()
-    overrides = list(args.overrides or [])
-    if args.per_class < 1:
-        raise UsageError(f"--per-class {args.per_class}: must be >= 1 (samples per class)")
-    for key in ("train.sample_per_class", "train.sample_num_classes"):
-        if any(o.split("=", 1)[0] == f"--config.{key}" for o in overrides):
-            raise UsageError(f"--config.{key} does not apply to the demo, which samples every class: use --per-class")
-    config = load_run_config(args.config, overrides, args.workdir, check=lambda c: check_demo_config(c, args.config))
-    workdir = Path(args.workdir)
+    t_start = time.perf_counter() if t_start is None else t_start
+    workdir = Path(workdir)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}; training "
           f"{config.train.steps} steps of batch {config.train.global_batch} into {workdir}/", flush=True)
     summary = train(config, workdir)
     t_train = time.perf_counter() - t_start
 
     with config.unlocked():
-        config.train.sample_per_class = args.per_class
+        config.train.sample_per_class = per_class
         config.train.sample_num_classes = config.model.num_classes
     state = summary["state"]
     labels, images = sample_grid(summary["graphdef"], ema_params(state["opt_state"]), state["rest"], config,
-                                 jax.random.key(args.seed))
-    png = save_png(make_grid(images, nrow=args.per_class), workdir / "samples.png", upscale=4)
+                                 jax.random.key(seed))
+    png = save_png(make_grid(images, nrow=per_class), workdir / "samples.png", upscale=4)
     np.savez(workdir / "samples.npz", images=images, labels=labels.astype(np.int32))
     scores = sample_accuracy(images, labels, config.data.image_size)
     total = time.perf_counter() - t_start
@@ -97,4 +84,4 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {png}  (one row per class)")
     print(f"      {workdir / 'samples.npz'}, {summary['loss_png']}, {workdir / 'tb'}, {workdir / 'checkpoints'}")
     print(f"demo finished in {total:.0f}s")
-    return 0
+    return report

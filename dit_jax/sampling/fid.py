@@ -1,33 +1,24 @@
-"""`dit-jax sample-fid`: N samples (50,000 by default) for FID, written as the ADM evaluator's `.npz`.
-
-    dit-jax sample-fid                                   # DiT-XL/2 256 px, cfg 1.5, 250 DDPM steps, 50k samples
-    dit-jax sample-fid --cfg-scale 1.0 --num-samples 10000 --sample-dir samples
-    dit-jax evaluate samples/DiT-XL-2-256x256-size-256-vae-ema-cfg-1.5-seed-0.npz VIRTUAL_imagenet256_labeled.npz
+"""N samples for FID, written shard by shard and assembled into the ADM evaluator's `.npz` (`dit-jax sample-fid`).
 
 Defaults follow the official sample_ddp.py (cfg 1.5, vae ema, 250 steps, 32 per device). Two differences:
 - Labels are class-balanced (N/num_classes of each) and then shuffled with the seed, instead of drawn
   uniformly at random: the evaluator's Inception Score uses consecutive 5,000-sample splits, so the order
   must be random, and balanced classes remove one source of run-to-run noise.
-- Sample i uses the key fold_in(key(seed), i) (see dit_jax.sample), so the result does not depend on the
+- Sample i uses the key fold_in(key(seed), i) (dit_jax.sampling.sampler), so the result does not depend on the
   batch size, the device count or where an interrupted run resumed.
 
 Work is written shard by shard (`<folder>/shard_00000.npz` ...: images, labels, indices), each atomically; a
 rerun with the same settings skips finished shards, so an interrupted or preempted run loses at most one shard
-per process. Processes of a multi-host job (a TPU pod, --coordinator/--num-processes/--process-id, or
-launch/local/multiprocess.sh) take shards round-robin and sample on their local devices; the first process writes
-the manifest and assembles `<folder>.npz` (key arr_0, uint8 (N, H, W, 3), written as a stream) at the end. Each
-sample depends only on (seed, index, settings, per-device batch), so the .npz is the same, byte for byte, on
-any number of processes with the same --per-device-batch.
+per process. Processes of a multi-host job take shards round-robin and sample on their local devices; the first
+process writes the manifest and assembles `<folder>.npz` (key arr_0, uint8 (N, H, W, 3), written as a stream) at
+the end. Each sample depends only on (seed, index, settings, per-device batch), so the .npz is the same, byte for
+byte, on any number of processes with the same --per-device-batch.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
-import sys
-import time
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,10 +28,9 @@ import jax
 import numpy as np
 
 from dit_jax import distributed
-from dit_jax.errors import UsageError
 from dit_jax.evaluate.npz import write_npz_stream
-from dit_jax.paths import atomic_write, check_output_file, check_output_folder, write_text_atomic
-from dit_jax.sample import Sampler, SampleSettings, data_mesh, example_keys
+from dit_jax.paths import atomic_write, check_output_file, write_text_atomic
+from dit_jax.sampling.sampler import Sampler, example_keys
 
 MANIFEST = "manifest.json"
 
@@ -198,70 +188,3 @@ def assemble(folder: Path, ranges: list[range]) -> Path:
             yield images
 
     return write_npz_stream(Path(f"{folder}.npz"), chunks(), shape)  # as sample_ddp.py: <folder>.npz
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line.
-# ----------------------------------------------------------------------------------------------------------
-def register(subparsers: Any, name: str) -> argparse.ArgumentParser:
-    from dit_jax.sample_cli import add_common_args
-
-    p = subparsers.add_parser(name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, cfg_scale=1.5, vae="ema")
-    p.add_argument("--num-samples", type=int, default=50_000, help="default 50,000")
-    p.add_argument("--per-device-batch", type=int, default=32, help="samples per device per call (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="global seed (labels and noise)")
-    p.add_argument("--sample-dir", default="samples", help="parent folder of the shard folder and the .npz")
-    p.add_argument("--overwrite", action="store_true", help="discard shards made with other settings")
-    distributed.add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    from dit_jax.sample_cli import check_common_args, load_decoder, load_model, settings_from_args, vae_name
-
-    t0 = time.perf_counter()
-    check_common_args(args)
-    check_counts(args.num_samples, args.per_device_batch)
-    distributed.from_args(args)  # before any other JAX call
-    check_output_folder(args.sample_dir, "--sample-dir")
-    loaded = load_model(args.ckpt, image_size=args.image_size or 256, dtype=args.dtype, cache_dir=args.cache_dir,
-                        offline=args.offline, progress=args.progress)
-    settings = settings_from_args(args, loaded)
-    mesh = data_mesh(jax.local_devices())
-    vae = vae_name(loaded, args.vae, args.default_vae)
-    decoder = load_decoder(loaded, vae, mesh, cache_dir=args.cache_dir, offline=args.offline, progress=args.progress)
-    sampler = Sampler.for_model(loaded.model, settings, mesh=mesh)
-    folder = Path(args.sample_dir) / (f"{loaded.name}-size-{loaded.image_size}-vae-{Path(vae).name}-"
-                                      f"cfg-{float(settings.cfg_scale)}-seed-{args.seed}")
-    manifest = dict(model=loaded.name, image_size=loaded.image_size, vae=vae,
-                    settings=_jsonable(settings), dtype=args.dtype)
-    where = f"{jax.process_count()} processes x {mesh.size}" if jax.process_count() > 1 else f"{mesh.size}"
-    print(f"{distributed.process_tag()}sampling {args.num_samples:,} images from {loaded.name} into {folder}/ on "
-          f"{where} device(s)", flush=True)
-    out = sample_fid(sampler, decoder, folder, num_samples=args.num_samples, seed=args.seed,
-                     shard_size=args.per_device_batch * mesh.size, manifest=manifest, overwrite=args.overwrite,
-                     progress=args.progress)
-    if out is not None:
-        print(f"wrote {out.resolve()} (arr_0 uint8 ({args.num_samples}, {loaded.image_size}, {loaded.image_size}, "
-              f"C)) in {time.perf_counter() - t0:.0f}s")
-    return 0
-
-
-def check_counts(num_samples: int, per_device_batch: int) -> None:
-    """UsageError for a --num-samples or --per-device-batch below 1 (shared with `sample-ddt --num-samples`)."""
-    if num_samples < 1:
-        raise UsageError(f"--num-samples {num_samples}: expected a positive number of samples (FID uses 50,000)")
-    if per_device_batch < 1:
-        raise UsageError(f"--per-device-batch {per_device_batch}: expected a positive number of samples per device")
-
-
-def _jsonable(settings: SampleSettings) -> dict[str, Any]:
-    return dataclasses.asdict(settings)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from dit_jax.cli import main
-
-    sys.exit(main(["sample-fid", *sys.argv[1:]]))

@@ -1,20 +1,16 @@
-"""Loading, overriding, checking and serialising the trainer's ml_collections configs.
+"""Loading a trainer config file, locking it, `--config.KEY=VALUE` overrides, and the config a checkpoint saved.
 
 A config is a Python file with `get_config(arg: str | None = None) -> ConfigDict` (big_vision style; its
-docstring is the launch command). `load_config("configs/dit_imagenet.py:variant=XL/2,res=256", overrides)`
-imports the file, calls `get_config("variant=XL/2,res=256")`, locks the result (a mistyped key is an error that
-names it and suggests close matches) and applies command-line overrides such as `--config.optim.lr=3e-4`,
-each parsed to the type of the field it replaces. This is the behaviour of
+docstring is the launch command), starting from the schema `dit_jax.train.config_schema.base_config()`.
+`load_config("configs/dit_imagenet.py:variant=XL/2,res=256", overrides)` imports the file, calls
+`get_config("variant=XL/2,res=256")`, locks the result (a mistyped key is an error that names it and suggests
+close matches), applies command-line overrides such as `--config.optim.lr=3e-4`, each parsed to the type of the
+field it replaces, and validates it (config_schema.validate_config). This is the behaviour of
 `ml_collections.config_flags.DEFINE_config_file(..., lock_config=True)`, as a plain function, so the CLI, the
 Colab notebook and the tests share it and its error messages say what to type instead.
 
-The schema (every field the trainer reads) is `base_config()`; each config file starts from it and sets its
-values explicitly. `None` is never stored: optional strings use "" (see `data.data_dir`) and optional sizes use
-0 (see `model.depth`), so every field keeps a type and locked overrides are type-checked.
-
-`config.runlocal = True` (through the config argument, `:runlocal=True`, or an override,
-`--config.runlocal=True`) shrinks any config with `apply_runlocal` to a smoke test that runs on a laptop CPU in
-about a minute; explicit overrides still win over what runlocal sets.
+Checkpoints store the config as JSON (`config_to_dict`); `config_from_dict(d, fill_defaults=True)` reads it back
+over the schema, so a run saved before a field existed gets the field's default.
 """
 
 from __future__ import annotations
@@ -32,189 +28,24 @@ from typing import Any, Iterable, Sequence
 
 from ml_collections import ConfigDict
 
-from dit_jax.constants import SD_VAE_SCALE
+from dit_jax.train.config_schema import ConfigError, apply_runlocal, base_config, flat_keys, validate_config
 
 __all__ = [
-    "ConfigError",
+    "ConfigError",  # (defined with the schema; loading raises it too)
     "apply_overrides",
-    "apply_runlocal",
-    "base_config",
     "config_from_dict",
     "config_to_dict",
-    "flat_keys",
     "load_config",
     "parse_config_spec",
     "parse_value",
     "split_config_argv",
-    "validate_config",
-    "DATA_SOURCES",
-    "MODEL_DTYPES",
 ]
 
-# The repository checkout (…/dit_jax/train/config_io.py -> …): relative config paths resolve against it too.
+# The repository checkout (…/dit_jax/train/config_load.py -> …): relative config paths resolve against it too.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-DATA_SOURCES = ("digits", "tfds", "folder", "latents")
-MODEL_DTYPES = ("float32", "bfloat16")
-NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
 _TRUE = ("true", "t", "yes", "y", "on", "1")
 _FALSE = ("false", "f", "no", "n", "off", "0")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be loaded, overridden or trained with; the message says what to change."""
-
-
-# ==========================================================================================================
-# The schema
-# ==========================================================================================================
-def base_config() -> ConfigDict:
-    """Every field the trainer reads, with the paper's values (DiT paper, Sec. 4 "Training") where it has one.
-
-    Config files start from this and set their own values explicitly, so that reading a config file shows the
-    whole recipe; adding a field here makes it overridable everywhere.
-    """
-    config = ConfigDict()
-    config.seed = 0
-    config.runlocal = False  # True: shrink to a one-minute CPU smoke test (apply_runlocal)
-
-    config.objective = "diffusion"  # diffusion (DiT's Gaussian diffusion, hybrid loss) | flow (DDT's flow matching)
-
-    config.model = ConfigDict()
-    config.model.arch = "dit"  # dit | ddt (dit_jax.models.ddt: condition encoder + velocity decoder)
-    config.model.variant = "XL/2"  # "S|B|L|XL / 2|4|8" (decode_variant); the sizes below override it when > 0
-    config.model.num_encoder_blocks = 0  # ddt: encoder blocks (0 = the variant's: XL 22, L 20, B and S 8)
-    config.model.depth = 0  # 0 = the variant's
-    config.model.hidden_size = 0  # 0 = the variant's
-    config.model.num_heads = 0  # 0 = the variant's
-    config.model.patch_size = 0  # 0 = the variant's
-    config.model.input_size = 32  # side of the model input: latents (res // 8) or pixels
-    config.model.in_channels = 4
-    config.model.num_classes = 1000
-    config.model.learn_sigma = True
-    config.model.class_dropout_prob = 0.1
-    config.model.block_type = "adaLN-Zero"  # adaLN-Zero | adaLN | cross-attn | in-context
-    config.model.dtype = "float32"  # matmul compute dtype: float32 | bfloat16 (params stay float32)
-    config.model.attn_impl = "xla"  # xla | cudnn (NVIDIA GPUs, bf16) | splash (TPU Pallas, under shard_map)
-    config.model.scan_blocks = False  # stacked blocks under lax.scan (compile time O(1) in depth)
-    config.model.remat_policy = "none"  # none | full | dots | dots_no_batch
-
-    # create_diffusion(...) arguments for training (sampling respaces with train.sample_steps)
-    config.diffusion = ConfigDict()
-    config.diffusion.timestep_respacing = ""
-    config.diffusion.noise_schedule = "linear"
-    config.diffusion.learn_sigma = True
-    config.diffusion.use_kl = False
-    config.diffusion.sigma_small = False
-    config.diffusion.predict_xstart = False
-    config.diffusion.rescale_learned_sigmas = False
-    config.diffusion.diffusion_steps = 1000
-
-    # flow matching (objective=flow): x_t = t x + (1 - t) eps, v = x - eps (dit_jax.diffusion.flow)
-    config.flow = ConfigDict()
-    config.flow.t_dist = "logit_normal"  # logit_normal (sigmoid of N(0, 1), DDT) | uniform
-    config.flow.time_scale = 1.0  # the model sees t * time_scale (1 for DDT)
-
-    # REPA (objective=flow, model.arch=ddt): align encoder block `layer` to a frozen target encoder
-    config.repa = ConfigDict()
-    config.repa.weight = 0.0  # 0 = off; DDT: 0.5
-    config.repa.layer = 8  # 1-based encoder block whose output is aligned
-    config.repa.encoder = "dinov2_vitb14"  # dinov2_vitb14 | random (a tiny frozen random ViT, for tests)
-    config.repa.encoder_path = ""  # local dinov2_vitb14_pretrain.pth (nothing is downloaded)
-    config.repa.proj_dim = 768  # the target features' width (ViT-B: 768)
-    config.repa.proj_hidden = 0  # projector hidden width; 0 = the model width
-
-    config.data = ConfigDict()
-    config.data.source = "latents"  # digits | tfds | folder | latents
-    config.data.name = "imagenet2012"  # tfds dataset name
-    config.data.split = "train"
-    config.data.data_dir = ""  # tfds data_dir; "" = the library default (None)
-    config.data.path = ""  # image folder or latent ArrayRecord directory
-    config.data.image_size = 256  # pixel side (ADM centre crop); the latents' source images for "latents"
-    config.data.channels = 3  # image channels
-    config.data.num_classes = 1000
-    config.data.random_flip = True
-    config.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
-    config.data.prefetch = 2  # batches transferred to the devices ahead of the step (0: none)
-    config.data.latent_scale = SD_VAE_SCALE  # z = latent_scale * (mean + std * eps), drawn fresh every step
-    config.data.vae = "stabilityai/sd-vae-ft-ema"
-
-    config.optim = ConfigDict()
-    config.optim.lr = 1e-4  # AdamW, constant after warm-up
-    config.optim.weight_decay = 0.0  # pass explicitly: optax.adamw defaults to 1e-4
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.999
-    config.optim.eps = 1e-8
-    config.optim.grad_clip_norm = 0.0  # global-norm clipping; 0 = off (the paper does not clip)
-    config.optim.warmup_steps = 0  # linear warm-up from 0; 0 = off (the paper has none)
-    config.optim.ema_decay = 0.9999  # ema = d * ema + (1 - d) * params every step, from the initial params
-
-    config.train = ConfigDict()
-    config.train.global_batch = 256
-    config.train.steps = 400_000
-    config.train.log_every = 100
-    config.train.ckpt_every = 50_000  # 0 = only at the end
-    config.train.keep_ckpts = 3
-    config.train.sample_every = 0  # steps between EMA sample grids; 0 = off
-    config.train.sample_cfg_scale = 4.0
-    config.train.sample_steps = 250  # DDPM steps for the sample grids
-    config.train.sample_per_class = 4
-    config.train.sample_num_classes = 8  # the grid shows this many classes (rows)
-    config.train.nan_check = True  # raise on a non-finite loss at log steps
-
-    config.mesh = ConfigDict()
-    config.mesh.data = -1  # -1 = every device not used by fsdp
-    config.mesh.fsdp = 1
-    config.fsdp = False  # shard params (and optimizer / EMA state) over the 'fsdp' axis
-    return config
-
-
-def apply_runlocal(config: ConfigDict) -> ConfigDict:
-    """Shrink `config` in place to a smoke test that runs on a CPU in about a minute; returns it.
-
-    Tiny model (depth 2, width 64, 4 heads; the variant's patch size), batch 8, 20 steps, fp32, small sample
-    grids, REPA (when on) against a tiny frozen random ViT aligned at block 1. The data source, image size and number of classes are kept, so the data path is exercised as is.
-    Idempotent; sets only fields the config has.
-    """
-    def put(path: str, value: Any) -> None:
-        node, _, name = path.rpartition(".")
-        section = config
-        for part in filter(None, node.split(".")):
-            if part not in section:
-                return
-            section = section[part]
-        if name in section:
-            section[name] = value
-
-    put("runlocal", True)
-    for path, value in (
-        ("model.depth", 2),
-        ("model.hidden_size", 64),
-        ("model.num_heads", 4),
-        ("model.dtype", "float32"),
-        ("model.attn_impl", "xla"),
-        ("model.remat_policy", "none"),
-        ("data.num_workers", 0),
-        ("train.global_batch", 8),
-        ("train.steps", 20),
-        ("train.log_every", 5),
-        ("train.ckpt_every", 10),
-        ("train.keep_ckpts", 2),
-        ("train.sample_steps", 10),
-        ("train.sample_per_class", 2),
-        ("repa.encoder", "random"),  # a tiny frozen random ViT for DINOv2: nothing to download or load
-        ("repa.proj_dim", 64),
-        ("repa.layer", 1),  # the tiny model's only encoder block
-    ):
-        put(path, value)
-    train = config.get("train")
-    if train is not None:
-        if "sample_num_classes" in train and "model" in config:
-            put("train.sample_num_classes", min(4, int(config.model.num_classes)))
-        if train.get("sample_every", 0) > train.get("steps", 0):
-            put("train.sample_every", train.steps)
-    return config
 
 
 # ==========================================================================================================
@@ -340,7 +171,7 @@ def load_config(spec: str, overrides: Sequence[str] = (), *, validate: bool = Tr
     overrides: "--config.optim.lr=3e-4", "config.optim.lr=3e-4" or "optim.lr=3e-4"; a bool field alone
     ("--config.runlocal") means True. Each value is parsed to the type of the field it replaces; unknown keys
     and unparsable values raise ConfigError naming the key. A key the overrides change that does not apply to
-    the config (flow.* when objective=diffusion, ...) is an error too (config_check.validate_config).
+    the config (flow.* when objective=diffusion, ...) is an error too (config_schema.validate_config).
     """
     try:
         path, arg = parse_config_spec(spec)
@@ -351,7 +182,7 @@ def load_config(spec: str, overrides: Sequence[str] = (), *, validate: bool = Tr
     config.lock()
     before = _leaf_values(config)
     apply_overrides(config, overrides)
-    if config.get("runlocal", False):
+    if config.runlocal:
         # runlocal requested on the command line shrinks after the overrides; explicit overrides still win.
         apply_runlocal(config)
         apply_overrides(config, [o for o in overrides if _override_key(o) != "runlocal"])
@@ -393,18 +224,6 @@ def split_config_argv(argv: Sequence[str]) -> tuple[str | None, list[str], list[
 # ==========================================================================================================
 # Overrides
 # ==========================================================================================================
-def flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:
-    """Every leaf field as a dotted key ("optim.lr", ...)."""
-    out = []
-    for key, value in config.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, ConfigDict):
-            out += flat_keys(value, full + ".")
-        else:
-            out.append(full)
-    return out
-
-
 def _override_key(override: str) -> str:
     key = override.split("=", 1)[0].strip()
     for prefix in ("--config.", "-config.", "config."):
@@ -558,14 +377,3 @@ def config_from_dict(d: dict, *, fill_defaults: bool = False) -> ConfigDict:
         config = ConfigDict(d)
     config.lock()
     return config
-
-
-# ==========================================================================================================
-# Validation (dit_jax/train/config_check.py)
-# ==========================================================================================================
-def validate_config(config: ConfigDict, *, changed: Iterable[str] = ()) -> None:
-    """Raise ConfigError listing every impossible setting; `changed`: the keys the command line changed, each of
-    which must apply to the config (see dit_jax.train.config_check.validate_config)."""
-    from dit_jax.train.config_check import validate_config as check
-
-    check(config, changed=changed)
