@@ -24,8 +24,7 @@ import shlex
 import sys
 from typing import Sequence
 
-from dit_jax.constants import BLOCK_TYPES
-from dit_jax.models.dit import MODEL_SIZES, PATCH_SIZES
+from dit_jax.constants import BLOCK_TYPES, MODEL_SIZES, PATCH_SIZES  # no jax: this script starts fast
 
 CONFIG_FILE = "configs/dit_imagenet.py"
 SIZES = tuple(MODEL_SIZES)  # S, B, L, XL: the paper's Table 1, smallest first

@@ -24,7 +24,7 @@ from dit_jax.train.config_load import (
     split_config_argv,
 )
 from dit_jax.diffusion.objectives import OBJECTIVES
-from dit_jax.models.dit import MODEL_SIZES
+from dit_jax.constants import MODEL_SIZES
 from dit_jax.models.families import DTYPES, FAMILIES
 from dit_jax.train.config_schema import (
     DATA_SPACES,

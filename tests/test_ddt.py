@@ -13,7 +13,7 @@ from flax import nnx
 from dit_jax.convert import CheckpointMismatchError, load_official_ddt
 from dit_jax.models import DDT, DDT_models, ImprovedDiT_models
 from dit_jax.models.ddt import DDT_SIZES, DDTBlock, decode_ddt_variant, fold_patches, rope_2d_angles, unfold_patches
-from dit_jax.models.dit import MODEL_SIZES
+from dit_jax.constants import MODEL_SIZES
 from tests.ddt_torch import TorchDDT
 
 
@@ -165,7 +165,7 @@ def test_converter_names_every_bad_key():
 
 
 def test_ddt_sizes_are_dits_split_into_encoder_and_decoder():
-    """DDT's depth, width and heads per size are DiT's (dit_jax.models.dit.MODEL_SIZES, their one owner); DDT adds
+    """DDT's depth, width and heads per size are DiT's (dit_jax.constants.MODEL_SIZES, their one owner); DDT adds
     only the encoder/decoder split: the paper's 8En4De (B), 20En4De (L), 22En6De (XL), and B's split for S."""
     assert list(DDT_SIZES) == list(MODEL_SIZES)
     for size, arch in DDT_SIZES.items():

@@ -359,7 +359,7 @@ def test_cli_through_dit_jax_cli(capsys):
 
 
 def test_variant_names_follow_the_model_tables():
-    """The size list is the model's (dit_jax.models.dit.MODEL_SIZES, PATCH_SIZES), not a copy: every DiT_models
+    """The size list is the model's (dit_jax.constants.MODEL_SIZES, PATCH_SIZES), not a copy: every DiT_models
     entry, once."""
     from dit_jax.models.dit import DiT_models
 

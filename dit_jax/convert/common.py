@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dit_jax.constants import MODEL_SIZES, PATCH_SIZES, VAE_DOWNSAMPLE
 from dit_jax.errors import CheckpointMismatchError
-from dit_jax.models.dit import MODEL_SIZES, PATCH_SIZES, DiT
-from dit_jax.constants import VAE_DOWNSAMPLE  # noqa: F401  (re-exported; the SD VAE: 256 px -> 32 x 32)
+from dit_jax.models.dit import DiT
 from dit_jax.models.layers import get_2d_sincos_pos_embed
 from dit_jax.paths import check_input_file
 

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.models.dit import MODEL_SIZES, check_inputs
+from dit_jax.constants import MODEL_SIZES
+from dit_jax.models.dit import check_inputs
 from dit_jax.models.layers import (
     Dtype,
     LabelEmbedder,
@@ -382,7 +383,7 @@ class DDT(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sizes: DiT's (dit_jax.models.dit.MODEL_SIZES: depth, width, heads) split into encoder + decoder blocks. XL/2 is
+# Sizes: DiT's (dit_jax.constants.MODEL_SIZES: depth, width, heads) split into encoder + decoder blocks. XL/2 is
 # the paper's 22 encoder + 6 decoder blocks (674,646,352 parameters); B/2 and L/2 follow the paper's 8En4De and
 # 20En4De; S/2 (not in the paper) takes B's split at DiT-S width.
 # ----------------------------------------------------------------------------------------------------------

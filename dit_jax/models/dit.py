@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.constants import BLOCK_TYPES  # the paper's four conditioning designs (sec. 3.2); re-exported
+from dit_jax.constants import BLOCK_TYPES, MODEL_SIZES, PATCH_SIZES  # the paper's designs and sizes (sec. 3.2, Table 1)
 from dit_jax.models.layers import (
     ATTENTION_IMPLS,
     Attention,
@@ -369,15 +369,8 @@ class DiT(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The twelve configurations of the paper (Table 1: S, B, L, XL; patch sizes 2, 4, 8).
+# The twelve configurations of the paper: MODEL_SIZES x PATCH_SIZES (dit_jax/constants.py, Table 1).
 # ----------------------------------------------------------------------------------------------------------
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    "S": dict(depth=12, hidden_size=384, num_heads=6),
-    "B": dict(depth=12, hidden_size=768, num_heads=12),
-    "L": dict(depth=24, hidden_size=1024, num_heads=16),
-    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
-}
-PATCH_SIZES = (2, 4, 8)
 
 
 def decode_variant(variant: str) -> dict[str, int]:

@@ -84,7 +84,8 @@ class Family:
     by name; objectives: what it trains with (the first is the default); analytic_macs: the FLOP counter uses the
     paper's closed form (else it traces the forward); title: its name in messages; model_keys: the config.model
     fields kwargs reads (the config checks call any other model.* key set on the command line inapplicable);
-    fixed: config.model values built into the family (a DDT predicts the velocity only: learn_sigma=False);
+    fixed: config.model fields whose value is built into the family -> (that value, why) (a DDT predicts the
+    velocity only: learn_sigma False);
     repa: REPA can align one of its (encoder) blocks to a frozen target encoder."""
 
     name: str
@@ -96,7 +97,7 @@ class Family:
     analytic_macs: bool
     title: str = ""
     model_keys: tuple[str, ...] = ()
-    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    fixed: Mapping[str, tuple[Any, str]] = dataclasses.field(default_factory=dict)
     repa: bool = False
 
     def build(self, model_cfg: Any, seed: int = 0, repa_cfg: Any = None) -> nnx.Module:
@@ -108,7 +109,7 @@ FAMILIES: dict[str, Family] = {
                   title="DiT", model_keys=("variant", "dtype", *_DIT_SIZES, *_DIT_OPTIONS)),
     "ddt": Family("ddt", DDT, DDT_models, decode_ddt_variant, _ddt_kwargs, ("flow",), analytic_macs=False,
                   title="DDT", model_keys=("variant", "dtype", *_DDT_SIZES, *_DDT_OPTIONS),
-                  fixed={"learn_sigma": False}, repa=True),
+                  fixed={"learn_sigma": (False, "predicts the velocity only")}, repa=True),
 }
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from dit_jax.constants import BLOCK_TYPES  # the paper's block designs (section 3.2), without importing jax
+from dit_jax.constants import BLOCK_TYPES, MODEL_SIZES, PATCH_SIZES  # the paper's designs and sizes, without jax
 
 COND_TOKENS = 2  # [t_emb, y_emb]: the condition sequence of the cross-attn and in-context designs
 
@@ -46,7 +46,6 @@ COND_TOKENS = 2  # [t_emb, y_emb]: the condition sequence of the cross-attn and 
 def variant_names() -> list[str]:
     """The DiT variants of dit_jax.models.dit (its size and patch tables) in the paper's Table 4 order: smallest
     width first, then the largest patch first (DiT-S/8, DiT-S/4, DiT-S/2, DiT-B/8, ..., DiT-XL/2)."""
-    from dit_jax.models.dit import MODEL_SIZES, PATCH_SIZES  # lazy: the tables live with the model (jax)
 
     sizes = sorted(MODEL_SIZES, key=lambda s: (MODEL_SIZES[s]["hidden_size"], MODEL_SIZES[s]["depth"]))
     return [f"DiT-{size}/{p}" for size in sizes for p in sorted(PATCH_SIZES, reverse=True)]

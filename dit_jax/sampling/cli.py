@@ -32,12 +32,11 @@ from typing import Any
 import numpy as np
 
 from dit_jax import distributed
+from dit_jax.constants import VAE_DOWNSAMPLE
 from dit_jax.errors import UsageError
 from dit_jax.paths import (check_input_exists, check_input_file, check_input_folder, check_output_file,
                            check_output_folder)
 
-DTYPE_NAMES = ("float32", "bfloat16")  # dit_jax.models.families.DTYPES (not imported here: --help stays light)
-OFFICIAL_SIZES = (256, 512)
 # DDT's sampling defaults (MCG-NJU/DDT configs): guidance only in (0.3, 1), the grid's last step 0.04
 FLOW_DEFAULTS = dict(interval_min=0.3, interval_max=1.0, shift=1.0, last_step=0.04)
 FLOW_FLAGS = ("interval_min", "interval_max", "shift", "last_step", "schedule", "refresh_rate")
@@ -62,6 +61,8 @@ def cfg_channels_arg(text: str) -> int | str | None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    from dit_jax.models.families import DTYPES
+
     g = p.add_argument_group("the model")
     g.add_argument("--ckpt", "--checkpoint", dest="ckpt",
                    help="a training run (its EMA weights), a `dit-jax convert` folder, an official .pt, a diffusers "
@@ -74,7 +75,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "DDT-S/2, DiT-S/2")
     g.add_argument("--which", choices=("ema", "model"), help="the EMA (default) or the trained weights")
     g.add_argument("--random-init", action="store_true", help="an untrained --variant (smoke runs)")
-    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="compute dtype of the model")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype of the model")
     g.add_argument("--vae", help="ema | mse | a diffusers VAE folder (default: a training run's own, else the "
                    "command's)")
     g.add_argument("--cache-dir", help="weights cache (default $DIT_JAX_CACHE or ~/.cache/dit_jax)")
@@ -166,9 +167,11 @@ def check_model_args(args: argparse.Namespace) -> None:
     if args.variant is not None and not args.ckpt and not args.random_init:
         raise UsageError("--variant chooses the size of a DDT checkpoint (--ckpt) or of --random-init: give one")
     if args.image_size is not None:
-        if args.image_size <= 0 or args.image_size % 8:
-            raise UsageError(f"--image-size {args.image_size}: expected a positive multiple of 8 (the VAE's "
-                             "downsampling), e.g. 256")
+        if args.image_size <= 0 or args.image_size % VAE_DOWNSAMPLE:
+            raise UsageError(f"--image-size {args.image_size}: expected a positive multiple of {VAE_DOWNSAMPLE} "
+                             "(the VAE's downsampling), e.g. 256")
+        from dit_jax.sampling.load import OFFICIAL_SIZES
+
         if not args.ckpt and not args.random_init and args.image_size not in OFFICIAL_SIZES:
             raise UsageError(f"--image-size {args.image_size}: the official DiT-XL/2 checkpoints are 256 or 512 px")
     if args.vae is not None:

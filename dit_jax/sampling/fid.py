@@ -165,7 +165,8 @@ def sample_fid(
     except (OSError, ValueError) as e:  # e.g. a full disk: the others learn of it at the barrier below
         failed = e
     bar.close()
-    if not distributed.all_agree("dit_jax/sample-fid/shards", failed is None):  # also the barrier: every shard is written
+    # also the barrier: every shard is written
+    if not distributed.all_agree("dit_jax/sample-fid/shards", failed is None):
         raise failed or ValueError("another process failed to write its shards (see its error); rerun to resume")
     ok, out = distributed.on_process_0("dit_jax/sample-fid/assembled", lambda: assemble(folder, ranges))
     if not ok:

@@ -20,6 +20,7 @@ from dit_jax.constants import VAE_DOWNSAMPLE
 from dit_jax.errors import CheckpointMismatchError
 from dit_jax.models.families import DTYPES, FAMILIES, Family, family_of
 
+OFFICIAL_SIZES = (256, 512)  # the official DiT-XL/2 checkpoints (facebookresearch/DiT download.py)
 DEFAULT_DDT = "DDT-XL/2"  # the released checkpoint's (MCG-NJU/DDT: DDT-XL-22en6de-R256)
 DDT_KEYS = ("ema_denoiser.", "denoiser.", "s_embedder.")  # a DDT state dict (Lightning-wrapped, or the denoiser's)
 
@@ -126,7 +127,7 @@ def load_model(
             return _ddt_file(Path(ckpt).expanduser(), sd, variant, image_size or 256, which, DTYPES[dtype])
     if ckpt is None:
         size = image_size or 256
-        if size not in (256, 512):
+        if size not in OFFICIAL_SIZES:
             raise ValueError(f"the official DiT-XL/2 checkpoints are 256 or 512 px, not {size}")
         ckpt = name = f"DiT-XL-2-{size}x{size}"
     else:

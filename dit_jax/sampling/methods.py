@@ -120,7 +120,8 @@ def shared_euler(model: nnx.Module, settings: SampleSettings, labels: jax.Array,
         t_cur, t_next, refresh = inp
         s = jax.lax.cond(refresh, lambda: encode(x, t_cur), lambda: s)
         out = model.decode(both(x), s)
-        v = flow.guide(out, flow.guidance_scale(t_cur, fs.cfg_scale, fs.interval_min, fs.interval_max)) if guided else out
+        scale = flow.guidance_scale(t_cur, fs.cfg_scale, fs.interval_min, fs.interval_max)
+        v = flow.guide(out, scale) if guided else out
         return (x + v * (t_next - t_cur), s), (s if collect_states else None)
 
     s0 = encode(noise, jnp.float32(times[0]))  # step 0 always encodes (recompute_mask requires it)

@@ -258,9 +258,9 @@ def _model_rules(config: ConfigDict) -> list[tuple[Callable[[str], bool], bool, 
     for field in sorted({k for f in FAMILIES.values() for k in f.model_keys} - set(fam.model_keys)):
         key = f"model.{field}"
         if field in fam.fixed:
-            rules.append(((lambda k, key=key: k == key), m[field] == fam.fixed[field],
-                          f"a {fam.title} (model.arch={fam.name!r}) is built with {key}={fam.fixed[field]!r}: "
-                          f"{key} must be {fam.fixed[field]!r}"))
+            value, why = fam.fixed[field]
+            rules.append(((lambda k, key=key: k == key), m[field] == value,
+                          f"a {fam.title} (model.arch={fam.name!r}) {why}: {key} must be {value!r}"))
         else:
             readers = " or ".join(f.name for f in FAMILIES.values() if field in f.model_keys)
             rules.append(((lambda k, key=key: k == key), False,
