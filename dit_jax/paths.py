@@ -6,7 +6,7 @@ creating and removing a temporary file, since permission bits tell root nothing,
 system). A sampling or conversion run can take hours: a path it could not use fails at once, not at the end.
 Writing: `atomic_write` (and `atomic_path`, `write_text_atomic`): a file written through a temporary file beside
 it and renamed over it, so that readers see the old file or the whole new one, never half of one.
-Hashing: `sha256_file` (the weights cache's records and the converter's input digests).
+Hashing: `sha256_file` (checkpoint manifests, the weights cache's records, the converter's input digests).
 
 Every check names the path with what the user typed for it (`flag`: "--out", "OUTPUT_DIR", "image folder", ...)
 and says what to do. The problems are PathErrors: OSErrors with the errno and file name of the problem, of the
@@ -214,15 +214,16 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Hashing: the one sha256 of a file (the weights cache's records, the converted folder's input digests).
+# Hashing: the one sha256 of a file (checkpoint manifests, the weights cache's records, converter input digests).
 # ----------------------------------------------------------------------------------------------------------
-HASH_CHUNK = 1 << 20
+HASH_CHUNK = 16 << 20  # large reads: checkpoints and weights are GBs (1.9 GB/s measured, BENCHMARKS.md)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in HASH_CHUNK blocks (stdlib only)."""
+    """Hex sha256 of a file, read in HASH_CHUNK blocks (stdlib only). `path` may also be a path object with its own
+    open() (an etils epath: a checkpoint on gs://)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (path.open("rb") if hasattr(path, "open") else open(path, "rb")) as f:
         while block := f.read(HASH_CHUNK):
             h.update(block)
     return h.hexdigest()

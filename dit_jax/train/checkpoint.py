@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -61,6 +60,7 @@ from etils import epath
 
 from dit_jax import distributed
 from dit_jax.errors import CheckpointMismatchError, warn  # noqa: F401  (CheckpointMismatchError: raised, re-exported)
+from dit_jax.paths import sha256_file
 
 PyTree = Any
 log = logging.getLogger("dit_jax.train.checkpoint")
@@ -69,7 +69,6 @@ MANIFEST = "dit_jax_manifest.json"
 MANIFEST_FORMAT = "dit_jax.checkpoint.manifest/2"  # /1 (sizes only) is still read
 # orbax's files at a step's top level that it rewrites while finalising (after the manifest is written)
 UNSUMMED = ("_CHECKPOINT_METADATA", "commit_success.txt")
-HASH_CHUNK = 16 << 20
 READER_PATIENCE_S = 300.0  # a reader keeps retrying while a live trainer deletes the steps it reads
 
 
@@ -134,14 +133,6 @@ def _compare_to_metadata(abstract_state: PyTree, meta_tree: PyTree, step: int, d
             target="the state this config builds (a different model or optimizer config?)",
             hint="Resume with the run's own config, or train this one into a new --workdir",
         )
-
-
-def sha256_file(path: epath.Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sum_files(d: epath.Path, names: list[str]) -> dict[str, str]:
@@ -389,8 +380,22 @@ class Checkpointer:
         Raises CheckpointMismatchError if the tree/shapes differ, CheckpointError if nothing can be restored."""
         deadline = time.monotonic() + READER_PATIENCE_S
         while True:
+            listed = self.all_steps() if self.read_only else []
             try:
                 return self._restore(abstract_state, step)
+            except OSError as e:
+                # orbax's own file checks race a trainer deleting a step (e.g. `path.exists() and not path.is_dir()`
+                # in its metadata paths): for a reader, a step that vanished meanwhile means "look again"
+                gone = [s for s in listed if not self.step_dir(s).exists()]
+                if not (self.read_only and gone) or (step is not None and int(step) in gone):
+                    raise
+                if time.monotonic() > deadline:
+                    raise CheckpointError(f"the trainer of {self.directory} deletes its checkpoints faster than they "
+                                          f"can be read: raise its train.keep_ckpts or train.ckpt_every, or read a "
+                                          f"copy of a step folder") from e
+                log.info("checkpoint steps %s were deleted by their trainer while being read (%s); reading the newest "
+                         "step again", gone, e)
+                self._mngr.reload()
             except _StepVanished as e:  # a live trainer deleted it (max_to_keep): not corruption, look again
                 if time.monotonic() > deadline:
                     raise CheckpointError(
@@ -434,7 +439,7 @@ class Checkpointer:
                     restored = self._restore_step(s, abstract_state)
                 except Exception as e:  # noqa: BLE001
                     problem = f"orbax could not read it ({type(e).__name__}: {_short(e)})"
-            if problem is not None and self.read_only and not self.step_dir(s).exists():
+            if problem is not None and self.read_only and _vanishing(self.step_dir(s)):
                 raise _StepVanished(s)
             if not distributed.all_agree("dit_jax/checkpoint/restore", problem is None):  # all fall back, or none
                 problem = problem or "another process could not read it"
@@ -559,6 +564,17 @@ TMP_SUFFIX = ocp.step.TMP_DIR_SUFFIX
 # a leaf of the abstract state given to restore() that is not read (orbax's placeholder): readers that need only
 # part of the state (the EMA weights to sample) restore only that part
 SKIP = ocp.PLACEHOLDER
+
+
+def _vanishing(step_dir: epath.Path, grace_s: float = 0.5) -> bool:
+    """Whether a step folder that a reader could not read is being deleted by its trainer (orbax removes old steps
+    file by file: the folder can still exist, with files already gone, when the read fails)."""
+    deadline = time.monotonic() + grace_s
+    while step_dir.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 class _StepVanished(Exception):

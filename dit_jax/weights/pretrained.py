@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dit_jax.paths import sha256_file
 from dit_jax.weights import registry, transfer
 from dit_jax.weights.transfer import WeightsError, file_lock, lock_path, offline_error, read_record
 from dit_jax.weights.registry import REGISTRY, UnknownWeightsError, is_offline, resolve_name
@@ -76,10 +77,10 @@ def download(
 def _source_digest(path: Path) -> str:
     """sha256 of a checkpoint file, or of a diffusers folder's files (name + digest of each, sorted)."""
     if path.is_file():
-        return transfer.sha256_of(path)
+        return sha256_file(path)
     folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    lines = "".join(f"{p.name} {transfer.sha256_of(p)}\n" for p in files)
+    lines = "".join(f"{p.name} {sha256_file(p)}\n" for p in files)
     return hashlib.sha256(lines.encode()).hexdigest()
 
 

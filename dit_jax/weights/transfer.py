@@ -72,11 +72,6 @@ class _Transient(Exception):
 # ----------------------------------------------------------------------------------------------------------
 # Small helpers.
 # ----------------------------------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file (dit_jax.paths.sha256_file, which dit_jax.convert also uses)."""
-    return sha256_file(path)
-
-
 def part_path(dest: Path) -> Path:
     """The partial download next to dest."""
     return dest.with_name(dest.name + ".part")
@@ -195,7 +190,7 @@ def verify_cached(dest: Path, url: str, *, size: int | None = None, sha256: str 
         )
     recorded = read_record(dest)
     want = (sha256 or "").lower() or recorded
-    digest = sha256_of(dest)
+    digest = sha256_file(dest)
     if want is None:
         log.info("%s: no sha256 record; recording %s (it is checked on every later use)", dest, digest)
         _try_write_record(dest, digest)
@@ -378,7 +373,7 @@ def _finish(url: str, part: Path, dest: Path, expected: _Expected) -> Path:
     """Verify the complete `part` (size, sha256), record the digest, and move it into place atomically.
     On a mismatch the part is deleted and ChecksumMismatchError raised."""
     got_size = part.stat().st_size
-    digest = sha256_of(part)
+    digest = sha256_file(part)
     problem = None
     if expected.size is not None and got_size != expected.size:
         problem = f"size {_fmt_size(got_size)}, expected {_fmt_size(expected.size)} ({expected.size_from})"
