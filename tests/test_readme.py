@@ -398,6 +398,7 @@ RUNS = {
     "dit-jax sample --image-size 512 --labels 88,279 --cfg-scale 4 --seed 1 --out macaws.png":
         (None, "cli", _check_macaws),
     "dit-jax sample --sampler ddim --steps 50 --vae ema": (None, "cli", _check_sample),
+    "dit-jax sample --sampler dpmsolver++ --steps 20": (None, "cli", _check_sample),
     "dit-jax download --all": (None, "cli", _check_download),
     "dit-jax train --config configs/digits.py:runlocal=True --workdir runs/my_run":
         (None, "cli", _check_train_steps("runs/my_run", 20)),

@@ -2,7 +2,8 @@
 add"). A config's `objective` names a row; the trainer, the config checks and the samplers read it here.
 
 - diffusion: DiT's Gaussian diffusion (1000 linear-beta steps, the hybrid loss; dit_jax.diffusion.gaussian),
-  sampled by DDPM or DDIM over respaced timesteps; the model reads the integer timestep.
+  sampled by DDPM or DDIM over respaced timesteps, or DPM-Solver++ (dit_jax.diffusion.dpm_solver); the model reads
+  the integer timestep.
 - flow: flow matching on the linear path (MCG-NJU/DDT; dit_jax.diffusion.flow), sampled by integrating the
   velocity (Euler, Heun, Euler-Maruyama); the model reads t * flow.time_scale.
 """
@@ -13,7 +14,7 @@ import dataclasses
 
 from dit_jax.diffusion.flow import SAMPLERS as FLOW_SAMPLERS
 
-DIFFUSION_SAMPLERS = ("ddpm", "ddim")
+DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ folder, a released DDT .ckpt, or --random-init) through dit_jax.sampling.load an
     dit-jax sample-fid --ckpt runs/my_run --num-samples 50000 --sample-dir samples
     dit-jax ddt-schedule --ckpt DDT-XL-22en6de-R256.ckpt --steps 250 --refresh-rate 4 --out schedule.json
 
---sampler: ddpm | ddim for a model trained with Gaussian diffusion (DiT; default ddpm over 250 respaced steps),
+--sampler: ddpm | ddim | dpmsolver++ for a model trained with Gaussian diffusion (DiT; default ddpm, 250 steps),
 euler | heun | euler_maruyama for a velocity model (objective=flow: DDT, or a SiT-style DiT; default euler on
 DDT's grid: guidance in (0.3, 1), last step 0.04). A DDT's condition encoder can be shared between steps
 (--schedule from `ddt-schedule`, or --refresh-rate R: every R steps). Latent models are decoded with the SD VAE
@@ -221,7 +221,7 @@ def check_sampler_args(args: argparse.Namespace) -> None:
     if args.sampler is not None:
         objective = objective_of_sampler(args.sampler).name
         check_flags_apply(args, objective, f"--sampler {args.sampler}")
-        if objective == "diffusion":
+        if args.sampler in ("ddpm", "ddim"):
             check_respacing(args.steps, args.sampler)
 
 
@@ -267,7 +267,11 @@ def settings_from_args(args: argparse.Namespace, loaded: Any, mode: str) -> Any:
                          f"{obj.name}: choose one of {', '.join(obj.samplers)}")
     check_flags_apply(args, obj.name, f"{loaded.name} (trained with objective={obj.name})")
     if obj.name == "diffusion":
-        check_respacing(args.steps, sampler)
+        if sampler == "dpmsolver++":
+            if args.steps > 1000:
+                raise UsageError(f"--steps {args.steps}: dpmsolver++ takes at most the 1000 training timesteps")
+        else:
+            check_respacing(args.steps, sampler)
         cfg_channels = args.cfg_channels
         if cfg_channels == "auto":
             cfg_channels = None if loaded.pixel_space else 3

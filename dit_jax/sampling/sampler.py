@@ -70,7 +70,7 @@ class Sampler:
 
     time_scale: a flow model reads t * time_scale (a run's flow.time_scale; 1 for DDT). progress=True shows a
     tqdm bar over the steps of ddpm/ddim (a Python loop of one compiled step, the same numbers as the scan); the
-    flow methods run as one compiled loop."""
+    other methods run as one compiled loop."""
 
     def __init__(self, model: nnx.Module, settings: SampleSettings | None = None, *, time_scale: float = 1.0,
                  mesh: Mesh | None = None):
@@ -116,7 +116,7 @@ class Sampler:
         labels = jax.device_put(labels.astype(np.int32), self.batch_sharding)
         keys = jax.device_put(keys, self.batch_sharding)
         with mesh_context(self.mesh, self._attn_impl):
-            if progress and self.settings.objective == "diffusion":
+            if progress and self.settings.sampler in ("ddpm", "ddim"):
                 out = self._progressive(labels, keys)
             else:
                 out = self._run(self.state, labels, keys)

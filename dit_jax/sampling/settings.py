@@ -2,12 +2,14 @@
 
     SampleSettings(sampler="ddpm", num_steps=250, cfg_scale=4.0)                      # DiT, the official sample.py
     SampleSettings(sampler="ddim", num_steps=50, eta=0.0)
+    SampleSettings(sampler="dpmsolver++", num_steps=20)                 # DPM-Solver++ (2M), diffusers' grid
     SampleSettings(sampler="euler", num_steps=250, cfg_scale=2.0, interval_min=0.3, last_step=0.04)   # DDT
     SampleSettings(sampler="euler", ..., schedule=(0, 4, 8, ...))          # DDT, encoder shared between steps
     SampleSettings(sampler="heun" | "euler_maruyama", ...)                 # any velocity model
 
 The sampler names its objective (dit_jax.diffusion.objectives): ddpm and ddim sample a model trained with Gaussian
-diffusion over the 1000-step process respaced to num_steps (the official respacing: "250", "ddim50"); euler, heun
+diffusion over the 1000-step process respaced to num_steps (the official respacing: "250", "ddim50"), dpmsolver++
+solves its ODE in num_steps model calls (dit_jax.diffusion.dpm_solver); euler, heun
 and euler_maruyama integrate a velocity model (flow matching) on the grid of dit_jax.diffusion.flow.
 """
 
@@ -30,7 +32,7 @@ OFFICIAL_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
 class SampleSettings:
     """cfg_scale 1.0 turns guidance off (one model call per example per step instead of two).
 
-    Gaussian diffusion (ddpm, ddim): cfg_channels is the number of eps channels guided (3 in the DiT release;
+    Gaussian diffusion (ddpm, ddim, dpmsolver++): cfg_channels is the number of eps channels guided (3 in the DiT release;
     None = all), eta DDIM's noise (0: deterministic), clip_denoised clips x_0 to [-1, 1] (pixel-space models).
     Flow (euler, heun, euler_maruyama): guidance on every channel where interval_min < t < interval_max; the
     time grid's shift and last_step (dit_jax.diffusion.flow.sample_times); schedule: the steps on which a DDT's
@@ -53,6 +55,8 @@ class SampleSettings:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
         if int(self.num_steps) < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.sampler == "dpmsolver++" and self.num_steps > 1000:
+            raise ValueError(f"dpmsolver++ takes at most the 1000 training timesteps, got num_steps={self.num_steps}")
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):  # NaN would sample NaN images silently
             raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale}")
         if self.eta != 0 and self.sampler != "ddim":
@@ -82,8 +86,8 @@ class SampleSettings:
         return f"ddim{self.num_steps}" if self.sampler == "ddim" else str(self.num_steps)
 
     def diffusion(self) -> GaussianDiffusion:
-        """The respaced Gaussian diffusion of ddpm / ddim."""
-        return create_diffusion(self.respacing)
+        """The respaced Gaussian diffusion of ddpm / ddim (dpmsolver++: the full 1000-step process)."""
+        return create_diffusion("" if self.sampler == "dpmsolver++" else self.respacing)
 
     def flow(self) -> flow.FlowSampleSettings:
         """The flow solver's settings of euler / heun / euler_maruyama."""

@@ -9,7 +9,8 @@ into the workdir; then per_class samples per class are drawn from the EMA weight
 and it writes:
   samples.png  one row per class        samples.npz  images uint8 (N, 16, 16, 1), labels (N,)
   loss.png     the training loss        tb/          TensorBoard events; metrics.jsonl; checkpoints/
-  demo.json    the report (steps, loss, times, the digits classifier's accuracy on real digits and on the samples)
+  demo.json    the report (steps, loss, times, the digits classifier's accuracy on real digits and on the samples,
+               the samples' Frechet distance to the real digits in a digits MLP's feature space)
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def run_demo(config: Any, workdir: str | Path, *, per_class: int = 20, seed: int
     every class with `seed`, score them, write the files listed above and print a summary; returns the report
     written to demo.json. t_start: time.perf_counter() when the command started (the times reported count from
     it; default now)."""
-    from dit_jax.evaluate.digits_classifier import sample_accuracy
+    from dit_jax.evaluate.digits_classifier import sample_quality
     from dit_jax.images import make_grid, save_png
     from dit_jax.train.loop import sample_grid, train
     from dit_jax.train.optim import ema_params
@@ -72,7 +73,7 @@ def run_demo(config: Any, workdir: str | Path, *, per_class: int = 20, seed: int
                                  jax.random.key(seed))
     png = save_png(make_grid(images, nrow=per_class), workdir / "samples.png", upscale=4)
     np.savez(workdir / "samples.npz", images=images, labels=labels.astype(np.int32))
-    scores = sample_accuracy(images, labels, config.data.image_size)
+    scores = sample_quality(images, labels, config.data.image_size)
     total = time.perf_counter() - t_start
     report = dict(steps=summary["step"], final_loss=summary["metrics"].get("loss"), train_seconds=round(t_train, 1),
                   total_seconds=round(total, 1), n_samples=int(len(labels)), cfg_scale=config.train.sample_cfg_scale,
@@ -81,6 +82,8 @@ def run_demo(config: Any, workdir: str | Path, *, per_class: int = 20, seed: int
     print(f"\nclassifier trained on real digits: {scores['real_test_accuracy']:.1%} on held-out real digits, "
           f"{scores['sample_accuracy']:.1%} on the {len(labels)} samples (worst class "
           f"{scores['worst_class_accuracy']:.0%})")
+    print(f"Frechet distance to the real digits (a digits MLP's features, dit_jax/evaluate/digits_classifier.py): "
+          f"{scores['digits_fd']:.2f} (two halves of the real digits: {scores['real_split_fd']:.2f})")
     print(f"wrote {png}  (one row per class)")
     print(f"      {workdir / 'samples.npz'}, {summary['loss_png']}, {workdir / 'tb'}, {workdir / 'checkpoints'}")
     print(f"demo finished in {total:.0f}s")
