@@ -221,16 +221,16 @@ def check_sampler_args(args: argparse.Namespace) -> None:
     if args.sampler is not None:
         objective = objective_of_sampler(args.sampler).name
         check_flags_apply(args, objective, f"--sampler {args.sampler}")
-        if args.sampler in ("ddpm", "ddim"):
-            check_respacing(args.steps, args.sampler)
+        if objective == "diffusion":
+            check_steps(args.steps, args.sampler)
 
 
-def check_respacing(steps: int, sampler: str) -> None:
-    from dit_jax.diffusion import space_timesteps
+def check_steps(steps: int, sampler: str) -> None:
+    """UsageError when a diffusion sampler cannot take `steps` (SampleSettings says why)."""
+    from dit_jax.sampling.settings import SampleSettings
 
-    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
     try:
-        space_timesteps(1000, respacing)  # the 1000-step process every DiT is trained with
+        SampleSettings(sampler=sampler, num_steps=steps)
     except ValueError as e:
         raise UsageError(f"--steps {steps} with --sampler {sampler}: {e}; choose another --steps") from e
 
@@ -267,11 +267,7 @@ def settings_from_args(args: argparse.Namespace, loaded: Any, mode: str) -> Any:
                          f"{obj.name}: choose one of {', '.join(obj.samplers)}")
     check_flags_apply(args, obj.name, f"{loaded.name} (trained with objective={obj.name})")
     if obj.name == "diffusion":
-        if sampler == "dpmsolver++":
-            if args.steps > 1000:
-                raise UsageError(f"--steps {args.steps}: dpmsolver++ takes at most the 1000 training timesteps")
-        else:
-            check_respacing(args.steps, sampler)
+        check_steps(args.steps, sampler)
         cfg_channels = args.cfg_channels
         if cfg_channels == "auto":
             cfg_channels = None if loaded.pixel_space else 3

@@ -116,7 +116,7 @@ class Sampler:
         labels = jax.device_put(labels.astype(np.int32), self.batch_sharding)
         keys = jax.device_put(keys, self.batch_sharding)
         with mesh_context(self.mesh, self._attn_impl):
-            if progress and self.settings.sampler in ("ddpm", "ddim"):
+            if progress and self.settings.respaced:
                 out = self._progressive(labels, keys)
             else:
                 out = self._run(self.state, labels, keys)

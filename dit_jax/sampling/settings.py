@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dit_jax.diffusion import create_diffusion, flow
+from dit_jax.diffusion import create_diffusion, flow, space_timesteps
 from dit_jax.diffusion.gaussian import GaussianDiffusion
 from dit_jax.diffusion.objectives import SAMPLERS, objective_of_sampler
 from dit_jax.diffusion.sharing import recompute_mask
@@ -26,6 +26,7 @@ from dit_jax.diffusion.sharing import recompute_mask
 # The official sample.py's eight classes (ImageNet: 207 golden retriever, 360 otter, 387 lesser panda,
 # 974 geyser, 88 macaw, 979 valley, 417 balloon, 279 arctic fox).
 OFFICIAL_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
+TRAIN_TIMESTEPS = 1000  # the process every DiT is trained with (create_diffusion's diffusion_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +56,11 @@ class SampleSettings:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
         if int(self.num_steps) < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.sampler == "dpmsolver++" and self.num_steps > 1000:
-            raise ValueError(f"dpmsolver++ takes at most the 1000 training timesteps, got num_steps={self.num_steps}")
+        if self.objective == "diffusion":  # the steps must fit the 1000-step process every DiT is trained with
+            if self.respaced:
+                space_timesteps(TRAIN_TIMESTEPS, self.respacing)  # ValueError naming what does not fit
+            elif self.num_steps > TRAIN_TIMESTEPS:
+                raise ValueError(f"{self.sampler} takes at most the {TRAIN_TIMESTEPS} training timesteps")
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):  # NaN would sample NaN images silently
             raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale}")
         if self.eta != 0 and self.sampler != "ddim":
@@ -82,12 +86,18 @@ class SampleSettings:
         return objective_of_sampler(self.sampler).name
 
     @property
+    def respaced(self) -> bool:
+        """ddpm / ddim run GaussianDiffusion's own loop over the process respaced to num_steps (step by step with a
+        progress bar, if asked); the other diffusion samplers take num_steps model calls on the full process."""
+        return self.sampler in ("ddpm", "ddim")
+
+    @property
     def respacing(self) -> str:
         return f"ddim{self.num_steps}" if self.sampler == "ddim" else str(self.num_steps)
 
     def diffusion(self) -> GaussianDiffusion:
-        """The respaced Gaussian diffusion of ddpm / ddim (dpmsolver++: the full 1000-step process)."""
-        return create_diffusion("" if self.sampler == "dpmsolver++" else self.respacing)
+        """The respaced Gaussian diffusion of ddpm / ddim, the full process for the others."""
+        return create_diffusion(self.respacing if self.respaced else "")
 
     def flow(self) -> flow.FlowSampleSettings:
         """The flow solver's settings of euler / heun / euler_maruyama."""
