@@ -58,27 +58,36 @@ def _random(variant: str, image_size: int, seed: int, dtype: Any) -> LoadedModel
     return LoadedModel(model, f"{variant.replace('/', '-')}-random", fam.objectives[0], False, image_size)
 
 
-def _ddt_state_dict(path: Path, variant: str | None) -> dict | None:
-    """A checkpoint file's state dict if it holds a DDT (a DDT --variant, a Lightning .ckpt, or DDT keys), else None
-    (it is then read again as a DiT: the official release, a converted or diffusers folder)."""
-    from dit_jax.convert.pt_reader import read_state_dict
+def _holds_ddt(path: Path, variant: str | None) -> bool:
+    """Whether a checkpoint file is a DDT's, told without reading its tensors: a DDT --variant, a Lightning .ckpt
+    (the released DDT files), or a .safetensors whose header names DDT keys. Anything else is read as a DiT (the
+    official .pt release, a converted or diffusers folder), so a DiT file is read once."""
+    if not path.is_file():
+        return False
+    if variant is not None:
+        return variant_family(variant).name == "ddt"
+    if path.suffix == ".ckpt":
+        return True
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
 
-    if not path.is_file() or (variant is not None and variant_family(variant).name != "ddt"):
-        return None
-    if variant is None and path.suffix != ".ckpt":
-        sd = read_state_dict(path)
-        return sd if any(k.startswith(DDT_KEYS) for k in sd) else None
-    return read_state_dict(path)
+        try:
+            with safe_open(str(path), framework="np") as f:
+                return any(k.startswith(DDT_KEYS) for k in f.keys())
+        except Exception:  # noqa: BLE001 - unreadable: the DiT reader reports what is wrong with it
+            return False
+    return False
 
 
-def _ddt_file(path: Path, sd: dict, variant: str | None, image_size: int, which: str, dtype: Any) -> LoadedModel:
+def _ddt_file(path: Path, variant: str | None, image_size: int, which: str, dtype: Any) -> LoadedModel:
     from dit_jax.convert.ddt import load_official_ddt
+    from dit_jax.convert.pt_reader import read_state_dict
 
     variant = variant or DEFAULT_DDT
     make = FAMILIES["ddt"].variants[variant]
     abstract = nnx.eval_shape(lambda: make(input_size=image_size // VAE_DOWNSAMPLE, dtype=dtype, rngs=nnx.Rngs(0)))
     try:
-        model = load_official_ddt(abstract, sd, which=which)
+        model = load_official_ddt(abstract, read_state_dict(path), which=which)
     except CheckpointMismatchError as e:  # hundreds of keys: the summary, in one line
         raise ValueError(f"{path} does not fit {variant} (is it a {variant} checkpoint? give --variant): "
                          f"{e.summary()}") from e
@@ -114,17 +123,15 @@ def load_model(
         return _random(variant or DEFAULT_DDT, image_size or 256, seed, DTYPES[dtype])
     if ckpt is not None and is_training_run(ckpt):
         model, config, step = load_ema_model(ckpt, use_ema=which == "ema", dtype=DTYPES[dtype])
-        if image_size is not None and image_size != _run_image_size(model, config):
-            raise ValueError(f"{ckpt} was trained for {_run_image_size(model, config)} px images, not {image_size}: "
-                             "drop the image size option")
         pixel = data_space(config) == "pixel"
-        return LoadedModel(model, f"{Path(ckpt).resolve().name}-step{step:07d}", str(config.objective), pixel,
-                           _run_image_size(model, config), vae=None if pixel else str(config.data.vae).removeprefix(
-                               "stabilityai/"), time_scale=float(config.flow.time_scale))
-    if ckpt is not None:
-        sd = _ddt_state_dict(Path(ckpt).expanduser(), variant)
-        if sd is not None:
-            return _ddt_file(Path(ckpt).expanduser(), sd, variant, image_size or 256, which, DTYPES[dtype])
+        size = config.data.image_size if pixel else model.input_size * VAE_DOWNSAMPLE
+        if image_size is not None and image_size != size:
+            raise ValueError(f"{ckpt} was trained for {size} px images, not {image_size}: drop the image size option")
+        vae = None if pixel else str(config.data.vae).removeprefix("stabilityai/")
+        return LoadedModel(model, f"{Path(ckpt).resolve().name}-step{step:07d}", str(config.objective), pixel, size,
+                           vae=vae, time_scale=float(config.flow.time_scale))
+    if ckpt is not None and _holds_ddt(Path(ckpt).expanduser(), variant):
+        return _ddt_file(Path(ckpt).expanduser(), variant, image_size or 256, which, DTYPES[dtype])
     if ckpt is None:
         size = image_size or 256
         if size not in OFFICIAL_SIZES:
@@ -140,8 +147,3 @@ def load_model(
         raise ValueError(f"{ckpt} is a {size} px model, not {image_size}: drop the image size option")
     return LoadedModel(model, name, family_of(model).objectives[0], False, size)
 
-
-def _run_image_size(model: nnx.Module, config: Any) -> int:
-    from dit_jax.train.config_schema import data_space
-
-    return config.data.image_size if data_space(config) == "pixel" else model.input_size * VAE_DOWNSAMPLE
