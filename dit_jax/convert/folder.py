@@ -274,7 +274,7 @@ def convert(
         sd = read_state_dict(src, which=weights)
         if any(k.startswith(DDT_KEY_PREFIXES) for k in sd):
             raise ConvertError(f"{src}: the keys look like a DDT checkpoint (ema_denoiser.*, s_embedder.*), not a DiT "
-                               f"one: sample it with `dit-jax sample-ddt --ckpt {src}`")
+                               f"one: sample it with `dit-jax sample --ckpt {src} --variant DDT-XL/2` (its size)")
         train_args = None
         if src.suffix in PT_SUFFIXES:
             obj = read_pt(src)  # memory-mapped: cheap to read twice

@@ -206,8 +206,8 @@ def _convert_for_loading(source: Path, out: Path, options: Mapping[str, Any]) ->
             raise
         raise ConvertError(
             f"{source} is not a DiT checkpoint that can be read as it is ({e.reason}). A DDT checkpoint? sample it "
-            f"with `dit-jax sample-ddt --ckpt {source}`. A DiT: convert it with `dit-jax convert` (which takes "
-            f"{e.option}), then pass the converted folder"
+            f"with `dit-jax sample --ckpt {source} --variant DDT-XL/2` (its size). A DiT: convert it with "
+            f"`dit-jax convert` (which takes {e.option}), then pass the converted folder"
         ) from e
 
 
