@@ -116,6 +116,21 @@ TRAIN_CASES = [
     ("latent_scale with digits", ["--config", DIGITS, "--config.data.latent_scale=0.5"], ["data.latent_scale"], 2),
     ("sample grids of latents", ["--config", "configs/dit_imagenet.py:runlocal=True", "--config.train.sample_every=5"],
      ["train.sample_every", "dit-jax sample"], 2),
+    # the samplers of the grids and of the quality evaluation, and what the evaluation scores with
+    ("a flow sampler for a diffusion run", ["--config", DIGITS, "--config.train.sample_sampler=euler"],
+     ["train.sample_sampler='euler'", "objective='diffusion'", "dpmsolver++"], 2),
+    ("respaced steps that do not fit", ["--config", DIGITS, "--config.train.sample_every=5",
+                                        "--config.train.sample_sampler=ddim", "--config.train.sample_steps=999"],
+     ["train.sample_steps=999", "999 steps out of 1000"], 2),
+    ("FID without a reference batch", ["--config", "configs/dit_imagenet.py:runlocal=True", "--config.train.eval_every=5"],
+     ["train.eval_reference", "Inception FID"], 2),
+    ("reference batch with evaluation off", ["--config", DIGITS, "--config.train.eval_reference={file}"],
+     ["train.eval_reference", "does not apply", "train.eval_every"], 2),
+    ("one sample to score", ["--config", DIGITS, "--config.train.eval_every=5", "--config.train.eval_num_samples=1"],
+     ["train.eval_num_samples=1", ">= 2"], 2),
+    ("missing Inception weights", ["--config", DIGITS, "--config.train.eval_every=5",
+                                   "--config.train.eval_reference={file}", "--config.train.eval_inception={tmp}/no.pth"],
+     ["train.eval_every=5 cannot score", "train.eval_inception", "no.pth", "--config.train.eval_inception=PATH"], 1),
 ]
 
 
@@ -292,6 +307,10 @@ def test_only_changed_settings_must_apply():
     c = load_config(DIGITS, ["objective=flow", "model.learn_sigma=False", "diffusion.learn_sigma=False",
                              "flow.t_dist=uniform"])  # diffusion.learn_sigma set to agree with the model
     assert c.flow.t_dist == "uniform"
+    # the digits config's sampler (dpmsolver++) is a diffusion sampler: on a flow run the flow default takes its place
+    from dit_jax.sampling.settings import run_sample_settings
+
+    assert c.train.sample_sampler == "dpmsolver++" and run_sample_settings(c).sampler == "euler"
     with pytest.raises(ConfigError) as info:
         load_config(DIGITS, ["flow.time_scale=1000", "data.name=mnist", "model.dtype=fp8"])
     message = str(info.value)

@@ -122,8 +122,8 @@ def test_trainer_trains_and_resumes_a_ddt_with_repa(tmp_path, capsys, monkeypatc
 
     overrides = ["objective=flow", "model.arch=ddt", "model.learn_sigma=False", "model.num_encoder_blocks=1",
                  "repa.weight=0.5", "repa.encoder=random", "repa.layer=1", "repa.proj_dim=24",
-                 "train.sample_every=1", "train.sample_steps=4", "train.steps=4", "train.log_every=2",
-                 "train.ckpt_every=2"]
+                 "train.sample_every=1", "train.sample_sampler=heun", "train.sample_steps=4", "train.steps=4",
+                 "train.log_every=2", "train.ckpt_every=2"]
     cfg = load_config("configs/digits.py:runlocal=True", overrides)
     built = []
     sampler_init = sampler_lib.Sampler.__init__
@@ -135,6 +135,7 @@ def test_trainer_trains_and_resumes_a_ddt_with_repa(tmp_path, capsys, monkeypatc
     grids = sorted(p.name for p in (tmp_path / "samples").glob("ema_samples_*.png"))
     # one sampler built (and compiled), then reused with the new EMA weights by the later sample events
     assert len(grids) >= 2 and len(built) == 1, (grids, built)
+    assert [key[1].sampler for key in sampler_lib._CACHE] == ["heun"]  # train.sample_sampler
     m = first["metrics"]
     assert np.isfinite(m["loss"]) and 0 < m["repa_loss"] <= 2 and m["fm_loss"] > 0
     frozen_before = jax.device_get(first["state"]["frozen"])
@@ -228,7 +229,8 @@ def test_a_dit_trains_with_the_flow_objective_sit_style(tmp_path, capsys):
     from dit_jax.train.loop import train
 
     overrides = ["objective=flow", "model.learn_sigma=False", "diffusion.learn_sigma=False", "flow.time_scale=1000",
-                 "flow.t_dist=uniform", "train.steps=3", "train.log_every=3", "train.ckpt_every=3"]
+                 "flow.t_dist=uniform", "train.sample_sampler=euler", "train.steps=3", "train.log_every=3",
+                 "train.ckpt_every=3"]
     out = train(load_config("configs/digits.py:runlocal=True", overrides), tmp_path)
     assert out["step"] == 3 and np.isfinite(out["metrics"]["loss"]) and "repa_loss" not in out["metrics"]
     with pytest.raises(ConfigError, match="learn_sigma=False"):

@@ -33,7 +33,8 @@ def train_cmd(workdir: Path, *overrides: str) -> list[str]:
             f"--config.train.steps={STEPS}", f"--config.train.ckpt_every={CKPT_EVERY}", "--config.train.log_every=1",
             "--config.train.global_batch=16", "--config.train.keep_ckpts=10", "--config.train.sample_every=6",
             "--config.train.sample_steps=4", "--config.train.sample_num_classes=2",
-            "--config.train.sample_per_class=2", *overrides]
+            "--config.train.sample_per_class=2", f"--config.train.eval_every={CKPT_EVERY}",
+            "--config.train.eval_num_samples=12", *overrides]
 
 
 def restore(workdir: Path, step: int | None = None):
@@ -64,7 +65,16 @@ def assert_identical(a, b) -> None:
 
 def losses(workdir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}  # a resumed run re-logs steps: the latest value wins
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}  # a resumed run re-logs steps: the latest wins
+
+
+def quality(workdir: Path, once: bool = False) -> dict[int, float]:
+    """The digits FD the run logged during training (train.eval_every), by step (the latest where a resumed run
+    logged a step again; once: assert that none was logged twice)."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "digits_fd" in r]
+    assert not once or len(steps) == len(set(steps)), steps
+    return {r["step"]: r["digits_fd"] for r in rows if "digits_fd" in r}
 
 
 @dataclass
@@ -100,11 +110,18 @@ def test_two_processes_equal_one_process(runs):
     assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([lb[s] for s in la], [la[s] for s in la], rtol=1e-6)
 
+    # the sample quality at every 4th step: scored and logged on process 0 alone, as one process scores it
+    qa, qb = quality(root / "ref8", once=True), quality(root / "mp", once=True)
+    assert sorted(qa) == sorted(qb) == list(range(CKPT_EVERY, STEPS + 1, CKPT_EVERY))
+    np.testing.assert_allclose([qb[s] for s in qa], [qa[s] for s in qa], rtol=1e-4)
+
     # only process 0 writes the run's files; every process logs its own progress, with its index
     for i in range(2):
         text = runs.logs[i]
         assert f"[p{i}/2] step {STEPS}/{STEPS} " in text, text[-3000:]
         assert f"[p{i}/2] model " in text
+    assert "[p0/2] step 4 sample quality (12 EMA samples): digits_fd=" in runs.logs[0]
+    assert "sample quality" not in runs.logs[1]
     files = sorted(p.relative_to(root / "mp").as_posix() for p in (root / "mp").rglob("*") if p.is_file())
     assert "metrics.jsonl" in files and "loss.png" in files
     assert [f for f in files if f.startswith("samples/")] == ["samples/ema_samples_0000006.png"]
@@ -143,6 +160,10 @@ def test_sigkill_of_one_process_stops_the_other_and_the_rerun_is_exact(runs, tmp
     for i in range(2):
         assert "skipping checkpoint" not in rerun.text(i)  # nothing saved was damaged
     assert_identical(restore(work), restore(root / "mp"))
+    # the quality history is whole: step 8's evaluation, lost with the kill after its save, is made up on resume
+    q, want = quality(work), quality(root / "mp")
+    assert sorted(q) == sorted(want)
+    np.testing.assert_allclose([q[s] for s in want], [want[s] for s in want], rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -181,6 +202,9 @@ def test_checkpoint_of_two_processes_continues_on_one(runs, tmp_path, devices):
             shutil.rmtree(d)
     out = single(train_cmd(work), cpu_devices=devices)
     assert "resumed from step 4" in out
+    q, want = quality(work), quality(root / "ref8")  # step 4's from the 2 x 4 run, the rest from this one
+    assert sorted(q) == sorted(want)
+    np.testing.assert_allclose([q[s] for s in want], [want[s] for s in want], rtol=1e-4)
     a, b = restore(work), restore(root / "ref8")
     assert a.step == b.step == STEPS
     assert a.data_state["position"] == STEPS

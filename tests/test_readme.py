@@ -74,6 +74,13 @@ NOT_RUN = {
     "--workdir runs/mp":
         "2 processes x 4 CPU devices (~1 min on 2 cores): tests/test_multiprocess.py runs this job (the same launcher, "
         "dit_jax/multiprocess.py) against 1 x 8, with SIGKILL, SIGTERM and resumes on other topologies",
+    "dit-jax train --config configs/dit_imagenet.py:variant=XL/2 --workdir gs://bucket/runs/xl2 "
+    "--config.train.eval_every=50000 --config.train.eval_num_samples=5000 --config.train.sample_sampler=dpmsolver++ "
+    "--config.train.sample_steps=25 --config.train.eval_reference=VIRTUAL_imagenet256_labeled.npz "
+    "--config.train.eval_inception=pt_inception-2015-12-05-6726825d.pth":
+        "DiT-XL/2 on ImageNet latents in a GCS bucket, with the 1.6 GB ADM reference batch and the Inception weights; "
+        "tests/test_train.py runs the same FID evaluation during training on a tiny run with a random Inception and a "
+        "small reference batch",
     "dit-jax bench train --variant S/2 --batch 32 --dtype float32 --torch":
         "a benchmark (~5 min on 2 cores, timings meaningless next to other tests); tests/test_bench.py runs the same "
         "harness, ours and the PyTorch reference, on a tiny config",

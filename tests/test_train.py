@@ -215,26 +215,115 @@ def test_sigterm_saves_current_step_and_resume_continues(tmp_path):
     assert f"resumed from step {saved}" in r.stdout and f"done at step {saved + 2}" in r.stdout
 
 
-def test_periodic_ema_sample_grids_and_logs(tmp_path):
+def test_periodic_ema_sample_grids_quality_and_logs(tmp_path):
+    from PIL import Image
+
     from dit_jax.train.config_load import load_config
     from dit_jax.train.loop import train
     from dit_jax.train.metrics import read_jsonl
 
-    cfg = load_config(str(REPO / "configs" / "digits.py"), [
+    overrides = [
         "train.steps=4", "train.sample_every=2", "train.sample_steps=3", "train.sample_per_class=2",
-        "train.sample_num_classes=3", "train.log_every=2", "train.global_batch=8", "train.ckpt_every=100",
-        "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-    ])
-    out = train(cfg, tmp_path)
+        "train.sample_num_classes=3", "train.log_every=2", "train.global_batch=8", "train.ckpt_every=2",
+        "train.eval_every=2", "train.eval_num_samples=12", "model.depth=1", "model.hidden_size=32",
+        "model.num_heads=2",
+    ]
+    out = train(load_config(str(REPO / "configs" / "digits.py"), overrides), tmp_path)
     grids = sorted((tmp_path / "samples").glob("ema_samples_*.png"))
     assert [g.name for g in grids] == ["ema_samples_0000002.png"]  # every 2 steps, not at the final step
-    from PIL import Image
-
     img = np.asarray(Image.open(grids[0]))
     assert img.shape[:2] == (3 * 18 + 2, 2 * 18 + 2)  # 3 rows (classes) x 2 samples, 16 px tiles, 2 px padding
     rows = read_jsonl(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [2, 4]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4]
     for k in ("loss", "mse", "vb", "grad_norm", "images_per_s", "steps_per_s", "tflops_per_device"):
-        assert np.isfinite(rows[-1][k])
+        assert np.isfinite(train_rows[-1][k])
     assert (tmp_path / "loss.png").exists() and list((tmp_path / "tb").iterdir())
     assert out["status"] == "done" and out["step"] == 4
+
+    # the sample quality of train.eval_every: at every 2nd step, the final one included, in its own rows
+    quality = [r for r in rows if "digits_fd" in r]
+    assert [r["step"] for r in quality] == [2, 4]
+    for r in quality:
+        assert set(r) == {"step", "digits_fd", "digits_accuracy", "eval_seconds"}
+        assert r["digits_fd"] > 0 and 0 <= r["digits_accuracy"] <= 1
+    # it is the score of these samples: 12 EMA samples of labels 0..9, 0, 1 with the evaluation's fixed noise
+    from dit_jax.evaluate.digits_classifier import digits_fd
+    from dit_jax.train.optim import ema_params
+    from dit_jax.train.samples import EVAL_SEED, _draw
+    from dit_jax.images import to_uint8
+
+    cfg = load_config(str(REPO / "configs" / "digits.py"), overrides)
+    labels = np.arange(12) % 10
+    x = _draw(out["graphdef"], ema_params(out["state"]["opt_state"]), out["state"]["rest"], cfg, labels,
+              jax.random.key(EVAL_SEED), 8)
+    assert digits_fd(to_uint8(np.clip(x, -1, 1)), 16)["digits_fd"] == pytest.approx(quality[-1]["digits_fd"],
+                                                                                      rel=1e-6)
+    # the quality panel beside the loss
+    assert Image.open(tmp_path / "loss.png").size == (1280, 480)
+
+    # a resumed run keeps the history and adds to it
+    out = train(load_config(str(REPO / "configs" / "digits.py"), ["train.steps=6", *overrides[1:]]),
+                tmp_path)
+    assert out["step"] == 6
+    quality = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "digits_fd" in r]
+    assert [r["step"] for r in quality] == [2, 4, 6]
+    assert tensorboard_steps(tmp_path / "tb", "digits_fd") == [2, 4, 6]
+
+
+def tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    """The steps at which the event files under `folder` hold scalar `tag` (TFRecord framing: u64 length, u32
+    crc, the Event proto, u32 crc; read with tensorboardX's proto definitions)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps = []
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        i = 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return sorted(steps)
+
+
+@pytest.mark.slow
+def test_quality_during_training_is_the_inception_fid_against_a_reference_batch(tmp_path):
+    """With train.eval_reference the trainer logs the FID of the EMA samples (one channel repeated to RGB) through
+    the Inception network of train.eval_inception against the reference batch's statistics (computed from its
+    arr_0 when it has no mu/sigma, as ADM does): the number `dit-jax evaluate`'s pieces give for those samples."""
+    import torch
+    from inception_reference import random_inception_state_dict
+
+    from dit_jax.evaluate.evaluator import Evaluator
+    from dit_jax.evaluate.fid import compute_statistics
+    from dit_jax.images import to_uint8
+    from dit_jax.train.config_load import load_config
+    from dit_jax.train.loop import train
+    from dit_jax.train.metrics import read_jsonl
+    from dit_jax.train.optim import ema_params
+    from dit_jax.train.samples import EVAL_SEED, _draw
+
+    weights = tmp_path / "pt_inception-random.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in random_inception_state_dict(seed=1).items()}, weights)
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3)).astype(np.uint8))
+    overrides = ["train.steps=2", "train.log_every=1", "train.global_batch=8", "train.ckpt_every=2",
+                 "train.sample_steps=3", "train.eval_every=2", "train.eval_num_samples=6",
+                 f"train.eval_reference={reference}", f"train.eval_inception={weights}",
+                 "model.depth=1", "model.hidden_size=32", "model.num_heads=2"]
+    cfg = load_config(str(REPO / "configs" / "digits.py"), overrides)
+    out = train(cfg, tmp_path / "run")
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "fid" in r]
+    assert [r["step"] for r in rows] == [2] and "digits_fd" not in rows[0]
+
+    evaluator = Evaluator.from_file(str(weights), batch_size=8, progress=False)
+    x = _draw(out["graphdef"], ema_params(out["state"]["opt_state"]), out["state"]["rest"], cfg,
+              np.arange(6) % 10, jax.random.key(EVAL_SEED), 8)
+    rgb = np.repeat(to_uint8(np.clip(x, -1, 1)), 3, axis=-1)
+    ref = compute_statistics(evaluator.read_activations(str(reference)).pool)
+    want = compute_statistics(evaluator.activations(rgb).pool).frechet_distance(ref)
+    assert np.isfinite(want) and rows[0]["fid"] == pytest.approx(want, rel=1e-5)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,3 +116,17 @@ def load_inception_file(path: str | os.PathLike, *, dtype: Any = None, precision
     kw: dict[str, Any] = {} if precision is None else dict(precision=precision)
     model = nnx.eval_shape(lambda: InceptionV3(dtype=dtype, rngs=nnx.Rngs(0), **kw))
     return load_inception(model, state)
+
+
+def resolve_weights(path: str | None, flag: str = "--inception-weights") -> Path:
+    """`path` (given as `flag`: a command-line flag, or a config key such as train.eval_inception), else
+    $DIT_JAX_INCEPTION_WEIGHTS; FileNotFoundError saying where to get the file and how to pass it."""
+    from dit_jax.paths import check_input_file
+
+    hint = WEIGHTS_HINT if flag.startswith("-") else WEIGHTS_HINT.replace("--inception-weights PATH",
+                                                                          f"--config.{flag}=PATH")
+    given = path or os.environ.get(WEIGHTS_ENV)
+    if not given:
+        raise FileNotFoundError(f"no Inception weights given: {hint}")
+    source = flag if path else f"${WEIGHTS_ENV}"
+    return check_input_file(given, source, what="the weight file", hint=hint)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,18 +46,6 @@ def register(subparsers: Any, name: str) -> argparse.ArgumentParser:
     distributed.add_arguments(p)
     p.set_defaults(func=run)
     return p
-
-
-def resolve_weights(path: str | None) -> Path:
-    """--inception-weights, else $DIT_JAX_INCEPTION_WEIGHTS; FileNotFoundError saying where to get the file."""
-    from dit_jax.convert.inception import WEIGHTS_ENV, WEIGHTS_HINT
-    from dit_jax.paths import check_input_file
-
-    given = path or os.environ.get(WEIGHTS_ENV)
-    if not given:
-        raise FileNotFoundError(f"no Inception weights given: {WEIGHTS_HINT}")
-    source = "--inception-weights" if path else f"${WEIGHTS_ENV}"
-    return check_input_file(given, source, what="the weight file", hint=WEIGHTS_HINT)
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
@@ -113,6 +100,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         npz.read_reference_statistics(path)  # well-formed when present
         if shapes[role][0] <= 3:
             raise ValueError(f"{path}: {shapes[role][0]} images; precision and recall (k = 3) need at least 4")
+    from dit_jax.convert.inception import resolve_weights
+
     weights = resolve_weights(args.inception_weights)
     if args.json:
         check_output_file(args.json, "--json")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from dit_jax.diffusion import create_diffusion, flow, space_timesteps
 from dit_jax.diffusion.gaussian import GaussianDiffusion
@@ -109,3 +110,20 @@ class SampleSettings:
     def encoder_calls(self) -> int | None:
         """How many steps run a DDT's condition encoder with this schedule (None: every step)."""
         return None if self.schedule is None else len(self.schedule)
+
+
+def run_sample_settings(config: Any) -> SampleSettings:
+    """The settings a training run draws its EMA samples with (its grids and quality evaluations,
+    dit_jax/train/samples.py): train.sample_sampler ("" = the objective's default), sample_steps and
+    sample_cfg_scale (a sampler of another objective gives way to the objective's default), guidance on every
+    channel, x_0 clipped for Gaussian diffusion. ValueError when they do not fit (a respaced ddpm/ddim that does
+    not divide the process)."""
+    from dit_jax.diffusion.objectives import objective
+
+    obj = objective(config.objective)
+    t = config.train
+    # a sampler of another objective is a config file's (dit_jax.train.config_schema refuses one typed on the
+    # command line): the objective's default takes its place
+    sampler = t.sample_sampler if t.sample_sampler in obj.samplers else obj.default_sampler
+    return SampleSettings(sampler=sampler, num_steps=t.sample_steps,
+                          cfg_scale=t.sample_cfg_scale, cfg_channels=None, clip_denoised=obj.name == "diffusion")

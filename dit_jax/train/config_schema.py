@@ -157,10 +157,20 @@ def base_config() -> ConfigDict:
     config.train.ckpt_every = 50_000  # 0 = only at the end
     config.train.keep_ckpts = 3
     config.train.sample_every = 0  # steps between EMA sample grids; 0 = off
+    # how the EMA samples of the grids and of eval_every are drawn (dit_jax.sampling.SampleSettings)
+    config.train.sample_sampler = ""  # "" = the objective's default (ddpm; euler for flow); any of its samplers
+    #                                   (a config file's sampler of another objective gives way to the default)
     config.train.sample_cfg_scale = 4.0
-    config.train.sample_steps = 250  # DDPM steps for the sample grids
+    config.train.sample_steps = 250  # the sampler's steps (ddpm/ddim respaced; model calls for the others)
     config.train.sample_per_class = 4
     config.train.sample_num_classes = 8  # the grid shows this many classes (rows)
+    # sample quality during training (dit_jax.train.samples.QualityEval): every eval_every steps, eval_num_samples
+    # EMA samples (classes in turn, the same noise every time) are scored on process 0 and logged as metrics
+    config.train.eval_every = 0  # 0 = off
+    config.train.eval_num_samples = 1000
+    config.train.eval_reference = ""  # ADM reference batch .npz: Inception FID against it ("" = the digits FD,
+    #                                   for data.source=digits only)
+    config.train.eval_inception = ""  # pt_inception-2015-12-05 .pth for the FID ("" = $DIT_JAX_INCEPTION_WEIGHTS)
     config.train.nan_check = True  # raise on a non-finite loss at log steps
 
     config.mesh = ConfigDict()
@@ -174,7 +184,8 @@ def apply_runlocal(config: ConfigDict) -> ConfigDict:
     """Shrink `config` in place to a smoke test that runs on a CPU in about a minute; returns it.
 
     Tiny model (depth 2, width 64, 4 heads; the variant's patch size), batch 8, 20 steps, fp32, small sample
-    grids, REPA (when on) against a tiny frozen random ViT aligned at block 1. The data source, image size and
+    grids, no quality evaluation (train.eval_every=0; at most 32 samples when an override turns it on), REPA (when on) against a tiny frozen random ViT aligned at
+    block 1. The data source, image size and
     number of classes are kept, so the data path is exercised as is. Idempotent.
     """
     config.runlocal = True
@@ -187,6 +198,8 @@ def apply_runlocal(config: ConfigDict) -> ConfigDict:
     t.sample_num_classes = min(4, int(m.num_classes))
     if t.sample_every > t.steps:
         t.sample_every = t.steps
+    t.eval_every = 0  # no quality evaluation (its yardsticks cost more than the smoke run); an override turns it on
+    t.eval_num_samples = min(t.eval_num_samples, 32)
     r.encoder = "random"  # a tiny frozen random ViT for DINOv2: nothing to download or load
     r.proj_dim = 64
     r.layer = 1  # the tiny model's only encoder block
@@ -271,10 +284,15 @@ def _model_rules(config: ConfigDict) -> list[tuple[Callable[[str], bool], bool, 
 
 def _applicability(config: ConfigDict) -> list[tuple[Callable[[str], bool], bool, str]]:
     """(matches key, applies, why not) for the keys whose use depends on other settings."""
-    from dit_jax.diffusion.objectives import OBJECTIVES  # imports jax: keep it lazy
+    from dit_jax.diffusion.objectives import OBJECTIVES, SAMPLERS  # imports jax: keep it lazy
 
     m, data = config.model, config.data
     objective, source = config.objective, data.source
+    # a config file's sampler of another objective (objective changed on the command line) gives way to the
+    # objective's default (dit_jax.sampling.settings.run_sample_settings); one typed on the command line is an error
+    sampler = config.train.sample_sampler
+    own_samplers = OBJECTIVES[objective].samplers if objective in OBJECTIVES else ()
+    sampler_objective = next((o.name for o in OBJECTIVES.values() if sampler in o.samplers), "")
     space = DATA_SPACES.get(source)  # None: validate_config reports the unknown source
     repa_on = config.repa.weight > 0
 
@@ -309,6 +327,14 @@ def _applicability(config: ConfigDict) -> list[tuple[Callable[[str], bool], bool
         (one_of("train.sample_every"), space != "latent" or config.train.sample_every == 0,
          "the trainer draws sample grids for pixel-space data only (decoding latents needs the VAE): sample a "
          "checkpoint with `dit-jax sample` instead"),
+        (one_of("train.sample_sampler"), not sampler or sampler not in SAMPLERS or sampler in own_samplers,
+         f"it samples objective={sampler_objective!r}, and this config trains objective={objective!r}: one of "
+         f"{own_samplers}, or '' for its default"),
+        (one_of("train.eval_num_samples", "train.eval_reference", "train.eval_inception"), config.train.eval_every > 0,
+         "quality evaluation is off (train.eval_every=0): set train.eval_every to the steps between evaluations"),
+        (one_of("train.eval_inception"), bool(config.train.eval_reference),
+         "the Inception weights serve the FID against train.eval_reference, and none is set (the digits FD needs "
+         "no Inception)"),
     ]
 
 
@@ -332,7 +358,7 @@ def validate_config(config: ConfigDict, *, changed: Iterable[str] = ()) -> None:
     changed) that does not apply to the chosen model, objective or data source. global_batch divisibility by the
     device count is `check_run`'s (the trainer knows the devices)."""
     from dit_jax.diffusion.flow import T_DISTS  # imports jax: keep it lazy
-    from dit_jax.diffusion.objectives import OBJECTIVES
+    from dit_jax.diffusion.objectives import OBJECTIVES, SAMPLERS
     from dit_jax.models.dit import BLOCK_TYPES, REMAT_POLICIES
     from dit_jax.models.families import DTYPES, FAMILIES
     from dit_jax.models.layers import ATTENTION_IMPLS
@@ -462,19 +488,39 @@ def validate_config(config: ConfigDict, *, changed: Iterable[str] = ()) -> None:
     check(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
     check(t.sample_every >= 0, f"train.sample_every={t.sample_every} must be >= 0 (0 = off)")
     check(t.sample_cfg_scale >= 0, f"train.sample_cfg_scale={t.sample_cfg_scale} must be >= 0 (1 = no guidance)")
-    if t.sample_every > 0:
+    check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 = off)")
+    check(not t.sample_sampler or t.sample_sampler in SAMPLERS,
+          f"train.sample_sampler={t.sample_sampler!r} is not one of {SAMPLERS} ('' = the objective's default)")
+    if t.eval_every > 0:
+        check(t.eval_num_samples >= 2, f"train.eval_num_samples={t.eval_num_samples} must be >= 2 (a Frechet "
+              f"distance needs a covariance)")
+        check(bool(t.eval_reference) or data.source == "digits" or data.source not in DATA_SPACES,  # else: above
+              "train.eval_every > 0 needs train.eval_reference, an ADM reference batch .npz (e.g. "
+              "VIRTUAL_imagenet256_labeled.npz), for the Inception FID; only data.source='digits' is scored "
+              "without one (the digits FD)")
+    if t.sample_every > 0 or t.eval_every > 0:
         if config.objective == "diffusion":
             check(0 < t.sample_steps <= d.diffusion_steps,
                   f"train.sample_steps={t.sample_steps} must be in [1, diffusion.diffusion_steps={d.diffusion_steps}]")
         else:
             check(t.sample_steps > 0, f"train.sample_steps={t.sample_steps} must be > 0")
-        check(t.sample_per_class > 0, f"train.sample_per_class={t.sample_per_class} must be > 0")
-        check(0 < t.sample_num_classes <= m.num_classes,
-              f"train.sample_num_classes={t.sample_num_classes} must be in [1, model.num_classes={m.num_classes}]")
+        if t.sample_every > 0:
+            check(t.sample_per_class > 0, f"train.sample_per_class={t.sample_per_class} must be > 0")
+            check(0 < t.sample_num_classes <= m.num_classes,
+                  f"train.sample_num_classes={t.sample_num_classes} must be in [1, model.num_classes="
+                  f"{m.num_classes}]")
         check(t.sample_cfg_scale == 1 or m.class_dropout_prob > 0,
               f"train.sample_cfg_scale={t.sample_cfg_scale} needs model.class_dropout_prob > 0 (classifier-free "
               f"guidance uses the null class, which a model trained without label dropout lacks): set "
               f"train.sample_cfg_scale=1")
+        if not errors:  # the sampler's own rule for its steps (a respaced ddpm/ddim must fit the process)
+            from dit_jax.sampling.settings import run_sample_settings
+
+            try:
+                run_sample_settings(config)
+            except ValueError as e:
+                errors.append(f"train.sample_sampler={t.sample_sampler!r} with train.sample_steps={t.sample_steps}: "
+                              f"{e}")
 
     # --- mesh
     check(config.mesh.data == -1 or config.mesh.data >= 1, f"mesh.data={config.mesh.data} must be -1 (all) or >= 1")

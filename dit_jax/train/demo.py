@@ -8,9 +8,11 @@ configs/digits.py (scikit-learn's 8x8 digits upsampled to 16x16, one channel, te
 into the workdir; then per_class samples per class are drawn from the EMA weights with classifier-free guidance,
 and it writes:
   samples.png  one row per class        samples.npz  images uint8 (N, 16, 16, 1), labels (N,)
-  loss.png     the training loss        tb/          TensorBoard events; metrics.jsonl; checkpoints/
+  loss.png     the training loss and, beside it, the sample quality measured during training (train.eval_every)
+  tb/          TensorBoard events; metrics.jsonl; checkpoints/
   demo.json    the report (steps, loss, times, the digits classifier's accuracy on real digits and on the samples,
-               the samples' Frechet distance to the real digits in a digits MLP's feature space)
+               the samples' Frechet distance to the real digits in a digits MLP's feature space, and both
+               measured during training)
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ def run_demo(config: Any, workdir: str | Path, *, per_class: int = 20, seed: int
     it; default now)."""
     from dit_jax.evaluate.digits_classifier import sample_quality
     from dit_jax.images import make_grid, save_png
-    from dit_jax.train.loop import sample_grid, train
+    from dit_jax.train.loop import train
+    from dit_jax.train.metrics import read_jsonl
     from dit_jax.train.optim import ema_params
+    from dit_jax.train.samples import sample_grid
 
     t_start = time.perf_counter() if t_start is None else t_start
     workdir = Path(workdir)
@@ -74,17 +78,34 @@ def run_demo(config: Any, workdir: str | Path, *, per_class: int = 20, seed: int
     png = save_png(make_grid(images, nrow=per_class), workdir / "samples.png", upscale=4)
     np.savez(workdir / "samples.npz", images=images, labels=labels.astype(np.int32))
     scores = sample_quality(images, labels, config.data.image_size)
+    curve = quality_curve(read_jsonl(workdir / "metrics.jsonl"))
     total = time.perf_counter() - t_start
     report = dict(steps=summary["step"], final_loss=summary["metrics"].get("loss"), train_seconds=round(t_train, 1),
                   total_seconds=round(total, 1), n_samples=int(len(labels)), cfg_scale=config.train.sample_cfg_scale,
-                  sample_steps=config.train.sample_steps, **scores)
+                  sampler=config.train.sample_sampler, sample_steps=config.train.sample_steps, **scores,
+                  quality_during_training=curve)
     (workdir / "demo.json").write_text(json.dumps(report, indent=2))
     print(f"\nclassifier trained on real digits: {scores['real_test_accuracy']:.1%} on held-out real digits, "
           f"{scores['sample_accuracy']:.1%} on the {len(labels)} samples (worst class "
           f"{scores['worst_class_accuracy']:.0%})")
     print(f"Frechet distance to the real digits (a digits MLP's features, dit_jax/evaluate/digits_classifier.py): "
           f"{scores['digits_fd']:.2f} (two halves of the real digits: {scores['real_split_fd']:.2f})")
+    if curve:
+        n = config.train.eval_num_samples
+        print(f"quality during training ({n} EMA samples every {config.train.eval_every} steps; loss.png plots it):")
+        print("   step  digits FD  accuracy")
+        for row in curve:
+            print(f"{row['step']:>7}  {row['digits_fd']:>9.2f}  {row['digits_accuracy']:>8.1%}")
     print(f"wrote {png}  (one row per class)")
-    print(f"      {workdir / 'samples.npz'}, {summary['loss_png']}, {workdir / 'tb'}, {workdir / 'checkpoints'}")
+    print(f"      {summary['loss_png']} (loss{' and sample quality' if curve else ''} against step)")
+    print(f"      {workdir / 'samples.npz'}, {workdir / 'tb'}, {workdir / 'checkpoints'}")
     print(f"demo finished in {total:.0f}s")
     return report
+
+
+def quality_curve(records: list[dict]) -> list[dict[str, float]]:
+    """The digits quality logged during training (train.eval_every), one row per step ({"step", "digits_fd",
+    "digits_accuracy"}), the latest of a step a resumed run logged twice, by step."""
+    rows = {int(r["step"]): r for r in records if "digits_fd" in r}
+    return [dict(step=s, digits_fd=float(rows[s]["digits_fd"]), digits_accuracy=float(rows[s]["digits_accuracy"]))
+            for s in sorted(rows)]

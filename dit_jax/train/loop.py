@@ -1,7 +1,8 @@
 """The trainer: reads top to bottom in phases (as big_vision's train.py).
 
 mesh -> input -> model and optimizer (abstract) -> shard and transfer (restore or init) -> update step (AOT
-compiled) -> checkpointing -> train loop (metrics, NaN guard, checkpoints, preemption, EMA samples).
+compiled) -> checkpointing -> train loop (metrics, NaN guard, checkpoints, preemption, EMA samples and their
+quality: dit_jax/train/samples.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dit_jax import distributed
 from dit_jax.data import make_train_iterator
 from dit_jax.data.prefetch import DevicePrefetch
 from dit_jax.diffusion import create_diffusion
-from dit_jax.images import make_grid, to_uint8
 from dit_jax.models.splash import mesh_context
 from dit_jax.perf.flops import forward_macs
 from dit_jax.perf.mfu import mfu, peak_flops_per_device
@@ -30,8 +30,9 @@ from dit_jax.train.chart import plot_loss
 from dit_jax.train.checkpoint import Checkpointer
 from dit_jax.train.config_load import config_to_dict
 from dit_jax.train.config_schema import ConfigError, data_space
-from dit_jax.train.optim import ema_params, make_optimizer
+from dit_jax.train.optim import make_optimizer
 from dit_jax.train.run_lock import RunLock, RunLockedError
+from dit_jax.train.samples import QualityEval, write_grid
 from dit_jax.train.sharding import (
     batch_sharding,
     local_rows,
@@ -61,24 +62,6 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 def train_flops_per_example(config: Any) -> float:
     """Real FLOPs of one training example: 3 x forward (forward + backward), 2 FLOPs per MAC."""
     return 3 * 2 * forward_macs(config.model)
-
-
-def sample_grid(graphdef: nnx.GraphDef, params: dict, rest: dict, config: Any, key: jax.Array) -> np.ndarray:
-    """EMA samples -> (labels, uint8 images (N, H, W, C)), sample_per_class of each of the first classes, one class
-    per row: the objective's default sampler (ddpm, or euler for flow) with guidance on every channel, x_0 clipped
-    (pixel space). The sampler is compiled once per (graph, settings): the periodic grids do not recompile."""
-    from dit_jax.diffusion.objectives import objective
-    from dit_jax.sampling import SampleSettings, example_keys, sampler_for
-
-    n_cls = min(config.train.sample_num_classes, config.model.num_classes)
-    labels = np.repeat(np.arange(n_cls), config.train.sample_per_class)
-    obj = objective(config.objective)
-    settings = SampleSettings(sampler=obj.default_sampler, num_steps=config.train.sample_steps,
-                              cfg_scale=config.train.sample_cfg_scale, cfg_channels=None,
-                              clip_denoised=obj.name == "diffusion")
-    sampler = sampler_for(graphdef, (params, rest), settings, float(config.flow.time_scale))
-    x = sampler(labels, example_keys(key, np.arange(len(labels))))
-    return labels, to_uint8(np.clip(np.asarray(x), -1, 1))
 
 
 def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -121,6 +104,9 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
                                         with_images=repa_on and latent_scale is not None)
     except (ValueError, FileNotFoundError) as e:  # missing, mismatched or unsuitable data: say so plainly
         raise ConfigError(f"cannot open the training data ({config.data.source}): {e}") from e
+
+    # the quality evaluation's network, statistics and VAE load now: a missing file stops the run before it starts
+    quality = QualityEval(config)
 
     # ================================================================ model and optimizer (abstract)
     optimizer = make_optimizer(config.optim)
@@ -211,6 +197,22 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
     last: dict[str, float] = {}
     step = start_step
     status = "done"
+
+    def evaluate(step: int) -> None:
+        scores = quality(graphdef, state, step)
+        if scores:  # process 0
+            writer.write_scalars(step, scores)
+            line = (f"step {step} sample quality ({quality.num_samples} EMA samples): "
+                    f"{metrics_lib.format_metrics(scores)}")
+            if progress and progress.shown:
+                progress.write(line)
+            else:
+                print(f"{tag}{line}", flush=True)
+
+    # a resumed run whose last evaluation was lost (stopped between the save of a due step and its evaluation)
+    if step and quality.due(step) and not distributed.all_agree(
+            "dit_jax/train/quality-logged", not is_main or quality.logged(writer.jsonl_path, step)):
+        evaluate(step)
     while step < total:
         batch = pending if pending is not None else next(feed)
         pending = None
@@ -252,7 +254,9 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
                 print(f"{tag}step {step}/{total} {metrics_lib.format_metrics(last)}", flush=True)
 
         if config.train.sample_every and step % config.train.sample_every == 0 and step != total:
-            _write_samples(writer, graphdef, state, config, step)
+            t_pause = time.perf_counter()
+            write_grid(writer, graphdef, state, config, step)
+            t_window += time.perf_counter() - t_pause  # the rates count training only
 
         # SIGTERM reaches hosts at different steps: reached_preemption agrees on one step across processes
         preempted = ckpt.reached_preemption(step)
@@ -268,6 +272,11 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
                 print(f"{tag}SIGTERM: saved step {step} and stopping", flush=True)
                 break
 
+        if quality.due(step):  # after the save: a failing evaluation cannot cost the checkpoint
+            t_pause = time.perf_counter()
+            evaluate(step)
+            t_window += time.perf_counter() - t_pause
+
     # ================================================================ wrap up
     ckpt.wait()
     ckpt.close()
@@ -275,24 +284,7 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
         progress.close()
     loss_png = writer.local_dir / "loss.png"
     if is_main and writer.jsonl_path.exists():
-        plot_loss(writer.jsonl_path, loss_png)
+        plot_loss(writer.jsonl_path, loss_png, side_keys=quality.keys if quality.every else ())
     writer.close()  # copies a remote workdir's staged logs, loss.png included
     return dict(step=step, status=status, metrics=last, workdir=str(workdir), graphdef=graphdef, state=state,
                 compile_s=compile_s, loss_png=str(loss_png))
-
-
-def _write_samples(writer: Any, graphdef: nnx.GraphDef, state: dict, config: Any, step: int) -> None:
-    """An EMA sample grid (pixel-space models only until the VAE lands), one class per row, written by process 0."""
-    if data_space(config) == "latent":
-        return  # decoding latents needs the VAE
-    params, rest = ema_params(state["opt_state"]), state["rest"]
-    if jax.process_count() > 1:
-        # the state lives on every process's devices: gather a host copy (a collective: every process takes part),
-        # then only the process that writes the grid samples it, on its own devices
-        from jax.experimental import multihost_utils
-
-        params, rest = multihost_utils.process_allgather((params, rest), tiled=True)
-        if jax.process_index() != 0:
-            return
-    _, images = sample_grid(graphdef, params, rest, config, jax.random.key(step))
-    writer.write_images(step, "ema_samples", make_grid(images, nrow=config.train.sample_per_class))
