@@ -122,14 +122,15 @@ TRAIN_CASES = [
     ("respaced steps that do not fit", ["--config", DIGITS, "--config.train.sample_every=5",
                                         "--config.train.sample_sampler=ddim", "--config.train.sample_steps=999"],
      ["train.sample_steps=999", "999 steps out of 1000"], 2),
-    ("FID without a reference batch", ["--config", "configs/dit_imagenet.py:runlocal=True", "--config.train.eval_every=5"],
+    ("FID without a reference batch",
+     ["--config", "configs/dit_imagenet.py:runlocal=True", "--config.train.eval_every=5"],
      ["train.eval_reference", "Inception FID"], 2),
     ("reference batch with evaluation off", ["--config", DIGITS, "--config.train.eval_reference={file}"],
      ["train.eval_reference", "does not apply", "train.eval_every"], 2),
     ("one sample to score", ["--config", DIGITS, "--config.train.eval_every=5", "--config.train.eval_num_samples=1"],
      ["train.eval_num_samples=1", ">= 2"], 2),
-    ("missing Inception weights", ["--config", DIGITS, "--config.train.eval_every=5",
-                                   "--config.train.eval_reference={file}", "--config.train.eval_inception={tmp}/no.pth"],
+    ("missing Inception weights", ["--config", DIGITS, "--config.train.eval_every=5", "--config.train.eval_reference="
+                                   "{file}", "--config.train.eval_inception={tmp}/no.pth"],
      ["train.eval_every=5 cannot score", "train.eval_inception", "no.pth", "--config.train.eval_inception=PATH"], 1),
 ]
 

@@ -67,12 +67,48 @@ def test_train_on_extracted_latents(tmp_path):
     make_folder(tmp_path / "imgs", n_per_class=4)
     extract(ImageFolderSource(tmp_path / "imgs"), small_vae(), tmp_path / "lat", image_size=32, batch_size=8,
             num_shards=1, progress=False)
+    # the sample quality during training of a latent run: the FID of the EMA samples decoded by data.vae, through
+    # the Inception network of train.eval_inception, against the statistics of the reference batch's arr_0 (no
+    # mu/sigma in it, so computed as ADM does): the number dit-jax evaluate's pieces give for those samples.
+    # Random Inception weights and a tiny 8x VAE, made here.
+    import torch
+    from inception_reference import random_inception_state_dict
+    from test_readme import _vae_folder
+
+    from dit_jax.train.metrics import read_jsonl
+
+    weights = tmp_path / "pt_inception-random.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in random_inception_state_dict(seed=2).items()}, weights)
+    np.savez(tmp_path / "reference.npz", np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     cfg = load_config("configs/dit_imagenet.py:variant=S/2,res=32,runlocal=True", [
         f"data.path={tmp_path / 'lat'}", "model.num_classes=2", "data.num_classes=2", "train.steps=3",
-        "train.global_batch=8", "train.log_every=1",
+        "train.global_batch=8", "train.log_every=1", "train.eval_every=3", "train.eval_num_samples=4",
+        f"train.eval_reference={tmp_path / 'reference.npz'}", f"train.eval_inception={weights}",
+        f"data.vae={_vae_folder(tmp_path / 'vae')}",
     ])
     out = train(cfg, tmp_path / "run")
     assert out["step"] == 3 and np.isfinite(out["metrics"]["loss"])
+    fid = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "fid" in r]
+    assert [r["step"] for r in fid] == [3] and "digits_fd" not in fid[0]
+
+    import jax
+
+    from dit_jax import weights as weights_lib
+    from dit_jax.evaluate.evaluator import Evaluator
+    from dit_jax.evaluate.fid import compute_statistics
+    from dit_jax.sampling.decode import Decoder
+    from dit_jax.sampling.sampler import data_mesh
+    from dit_jax.train.optim import ema_params
+    from dit_jax.train.samples import EVAL_SEED, _draw
+
+    z = _draw(out["graphdef"], ema_params(out["state"]["opt_state"]), out["state"]["rest"], cfg, np.arange(4) % 2,
+              jax.random.key(EVAL_SEED), 8)
+    images = Decoder(weights_lib.pretrained_vae(cfg.data.vae), data_mesh())(z)
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+    evaluator = Evaluator.from_file(str(weights), batch_size=8, progress=False)
+    ref = compute_statistics(evaluator.read_activations(str(tmp_path / "reference.npz")).pool)
+    want = compute_statistics(evaluator.activations(images).pool).frechet_distance(ref)
+    assert np.isfinite(want) and fid[0]["fid"] == pytest.approx(want, rel=1e-5)
 
 
 def test_store_images_keeps_the_crop_and_a_rerun_must_match(tmp_path):

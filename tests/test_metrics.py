@@ -223,6 +223,36 @@ def test_plot_loss_follows_the_data(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_plot_loss_draws_the_sample_quality_beside_the_loss(tmp_path):
+    """train.eval_every's metrics (logged now and then, in rows of their own) in a right-hand panel, each key on
+    its own axis: a falling FD (blue) and a rising accuracy (red) drawn falling and rising; none logged: no panel."""
+    jsonl = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / (1 + 0.01 * s)} for s in range(10, 1010, 10)]
+    rows += [{"step": s, "digits_fd": 50.0 - 0.04 * s, "digits_accuracy": 0.1 + 0.0008 * s}
+             for s in range(100, 1100, 100)]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    img = np.asarray(Image.open(plot_loss(jsonl, tmp_path / "loss.png", side_keys=("digits_fd", "digits_accuracy")))
+                     .convert("RGB"))
+    assert img.shape == (480, 1280, 3)
+    right = img[:, 800:]  # the quality panel (3:2 widths)
+    blue, red = (np.all(right == c, axis=-1) for c in ((31, 119, 180), (214, 39, 40)))
+    assert blue.sum() > 300 and red.sum() > 300
+
+    def rows_at_ends(mask: np.ndarray) -> tuple[float, float]:
+        cols = np.nonzero(mask.sum(axis=0) > 1)[0]
+        return np.nonzero(mask[:, cols[3]])[0].mean(), np.nonzero(mask[:, cols[-3]])[0].mean()
+
+    left, end = rows_at_ends(blue)
+    assert left < end - 100  # the FD falls
+    left, end = rows_at_ends(red)
+    assert left > end + 100  # the accuracy rises, on its own scale (0.18 to 0.9, not squashed under the FD's)
+    plain = np.asarray(Image.open(plot_loss(jsonl, tmp_path / "plain.png")).convert("RGB"))
+    assert plain.shape == (480, 800, 3)  # without side keys: the loss alone
+    none = tmp_path / "none.jsonl"
+    none.write_text("".join(json.dumps(r) + "\n" for r in rows if "loss" in r))
+    assert Image.open(plot_loss(none, tmp_path / "n.png", side_keys=("digits_fd",))).size == (800, 480)
+
+
 def test_peak_flops_and_mfu():
     cpu = jax.devices("cpu")[0]
     assert peak_flops_per_device(cpu) is None
