@@ -391,8 +391,17 @@ def _check_flops(cwd, out):
 
 
 def _check_demo(cwd, out):
+    from PIL import Image
+
     report = json.loads((cwd / "runs" / "digits" / "demo.json").read_text())
     assert report["steps"] == 3000 and report["sample_accuracy"] >= 0.9, report
+    # the samples' Frechet distance, and the quality curve measured during training (printed, plotted, reported)
+    assert 0 < report["digits_fd"] < 30 and "Frechet distance to the real digits" in out, report
+    curve = report["quality_during_training"]
+    assert [r["step"] for r in curve] == list(range(500, 3001, 500)), curve
+    assert curve[-1]["digits_fd"] < curve[0]["digits_fd"] and curve[-1]["digits_accuracy"] > 0.9, curve
+    assert "quality during training" in out and "   3000 " in out
+    assert Image.open(cwd / "runs" / "digits" / "loss.png").size == (1280, 480)  # the quality panel beside the loss
 
 
 def _check_resumed_demo_run(cwd, out):
