@@ -51,6 +51,12 @@ COMMAND_PREFIXES = ("dit-jax", "make", "python", "pip", "tfds", "launch/tpu/", "
 NOT_RUN = {
     "make test": "it is this test suite",
     "pip install tensorflow-cpu": "installs TensorFlow (~600 MB) for the one-time ImageNet build only",
+    "pip wheel --no-deps -w dist .": "tests/test_wheel.py builds the wheel this way (from a copy of the tracked files)",
+    "pip install dist/dit_jax-0.1.0-py3-none-any.whl":
+        "installs from PyPI; tests/test_wheel.py installs the wheel into a fresh virtualenv with the pinned "
+        "dependencies and runs the CLI, a training, sampling and the notebook from it",
+    "pip install dit-jax @ git+https://github.com/YOU/dit-jax":
+        "YOU is the reader's own repository; installing from a git address builds the same wheel",
     "tfds build imagenet2012 --manual_dir ~/imagenet-tars --file_format array_record":
         "needs the ImageNet tars from image-net.org (~150 GB) and TensorFlow; the extraction it feeds runs below on "
         "tfds.testing.mock_data",
