@@ -1,7 +1,13 @@
 """The official DiT (facebookresearch/DiT models.py), restated compactly in PyTorch with the official module
 names, so that its state_dict has exactly the official keys and layout. timm's PatchEmbed / Attention / Mlp
 are written out (timm is not a dependency); the maths follows models.py line by line. Shared by the
-converter and sampling tests (a numerical reference, never imported by the library)."""
+converter and sampling tests (a numerical reference) and by the benchmark's PyTorch reference
+(bench/torch_reference.py imports this file by path); never imported by the library.
+
+Two options exist for the benchmark and default to the tests' exact behaviour: `fused_attn` (timm >= 0.9's
+Attention calls torch's scaled_dot_product_attention unless TIMM_FUSED_ATTN=0; the tests use timm's explicit
+softmax(q k^T) v path) and `class_dropout_prob` (the official LabelEmbedder drops labels to the null class with
+this probability in training mode; 0 here unless asked)."""
 
 from __future__ import annotations
 
@@ -43,24 +49,28 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):
         half = self.freq // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-        args = t[:, None].float() * freqs[None]
+        args = t[:, None].float() * freqs.to(t.device)[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))  # a no-op for the official fp32 model
 
 
 class LabelEmbedder(nn.Module):
-    def __init__(self, n, d):
+    def __init__(self, n, d, dropout_prob=0.0):
         super().__init__()
         self.embedding_table = nn.Embedding(n + 1, d)
+        self.num_classes, self.dropout_prob = n, dropout_prob
 
-    def forward(self, y):
+    def forward(self, y, train=False):
+        if train and self.dropout_prob > 0:  # models.py token_drop: the null class with prob dropout_prob
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
         return self.embedding_table(y)
 
 
 class Attention(nn.Module):  # timm Attention(qkv_bias=True)
-    def __init__(self, d, heads):
+    def __init__(self, d, heads, fused=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.fused = heads, fused
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
 
@@ -68,8 +78,11 @@ class Attention(nn.Module):  # timm Attention(qkv_bias=True)
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        if self.fused:  # timm >= 0.9's default (fused_attn)
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class Mlp(nn.Module):  # timm Mlp with GELU(tanh)
@@ -87,10 +100,10 @@ def modulate(x, shift, scale):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, d, heads):
+    def __init__(self, d, heads, fused_attn=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(d, heads)
+        self.attn = Attention(d, heads, fused_attn)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(d, 4 * d)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
@@ -115,23 +128,23 @@ class FinalLayer(nn.Module):
 
 class OfficialDiT(nn.Module):
     def __init__(self, input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
-                 num_classes=10, learn_sigma=True):
+                 num_classes=10, learn_sigma=True, class_dropout_prob=0.0, fused_attn=False):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.p = patch_size
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
         table = torch.from_numpy(official_sincos_2d(hidden_size, grid)).float().unsqueeze(0)
         self.pos_embed = nn.Parameter(table, requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, fused_attn) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
 
     def forward(self, x, t, y):
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x, c)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -49,40 +50,223 @@ def test_torch_reference_hybrid_loss_equals_ours():
         np.testing.assert_allclose(np.asarray(ours[k]), theirs[k].numpy(), rtol=2e-4, atol=1e-5, err_msg=k)
 
 
-def test_torch_trainer_step_learns_and_updates_ema():
+def test_official_reference_is_the_transcription_with_both_attentions():
+    """The benchmark's official model is tests/official_dit_torch.py's OfficialDiT (same keys as the parity tests'
+    model); timm's fused attention (scaled_dot_product_attention) and its explicit path give the same output."""
+    from official_dit_torch import OfficialDiT, randomize_torch
+
     ref = load_torch_reference()
-    model = ref.diffusers_dit(depth=1, hidden_size=32, num_heads=2, patch_size=2, input_size=4, num_classes=5)
-    trainer = ref.TorchTrainer(model, lr=1e-3, ema_decay=0.5)
-    before = [p.detach().clone() for p in trainer.params]
+    kw = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=4, num_classes=5)
+    fused = randomize_torch(ref.official_dit(**kw, fused_attn=True), 0)
+    math_ = ref.official_dit(**kw, fused_attn=False).eval()
+    math_.load_state_dict(fused.state_dict())
+    assert isinstance(fused, ref.official_module().OfficialDiT)
+    assert set(fused.state_dict()) == set(OfficialDiT(depth=2, hidden_size=32, num_heads=2, input_size=4).state_dict())
+    x, t, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 10, 999]), torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, t, y), math_(x, t, y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["official", "diffusers"])
+def test_torch_trainer_step_learns_and_updates_ema_as_train_py(impl):
+    """One iteration moves the weights (AdamW) and the EMA is train.py's update_ema: with decay 0.5 every EMA
+    parameter sits halfway between the old and the new weights."""
+    ref = load_torch_reference()
+    model, forward = ref.build_model(impl, depth=1, hidden_size=32, num_heads=2, patch_size=2, input_size=4,
+                                     num_classes=5)
+    trainer = ref.TorchTrainer(model, forward, lr=1e-3, ema_decay=0.5)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
     moments = torch.cat([torch.randn(4, 4, 4, 4), torch.full((4, 4, 4, 4), -6.0)], dim=1)
     loss = trainer.step(moments, torch.tensor([0, 1, 2, 3]))
     assert math.isfinite(loss)
-    moved = [i for i, (a, p) in enumerate(zip(before, trainer.params)) if not torch.equal(a, p.detach())]
+    after = dict(model.named_parameters())
+    moved = [k for k in before if not torch.equal(before[k], after[k].detach())]
     assert moved, "AdamW changed no parameter"
-    i = moved[0]  # EMA with decay 0.5 sits halfway between the old and new weights
-    torch.testing.assert_close(trainer.ema[i], 0.5 * before[i] + 0.5 * trainer.params[i].detach())
+    ema = dict(trainer.ema.named_parameters())
+    assert not any(p.requires_grad for p in ema.values())
+    for k in before:
+        torch.testing.assert_close(ema[k], 0.5 * before[k] + 0.5 * after[k].detach())
+
+
+@pytest.mark.parametrize("impl", ["official", "official-math", "diffusers"])
+def test_torch_reference_sampling_forward_is_guided(impl):
+    """The reference's sampling call on B = 2 images: the official forward_with_cfg returns its 2B rows (the guided
+    eps twice), the diffusers wrapper B rows; 2C channels either way."""
+    ref = load_torch_reference()
+    run, info = ref.prepare("sample", "S/8", batch=2, res=64, impl=impl, num_classes=10)
+    out = run()
+    assert out.shape == ((2 if impl == "diffusers" else 4), 8, 8, 8) and torch.isfinite(out).all()
+    assert info["reference"] == impl and info["mode"] == "sample"
 
 
 # ---------------------------------------------------------------------------------------------- the harness
+def _fake_worker(seconds_per_call: float, fail_on_window: bool = False, hang_on_window: bool = False) -> list[str]:
+    """A process that speaks the worker protocol and reports a fixed time (no jax, no torch)."""
+    code = (
+        "import json, sys, time\n"
+        "say = lambda **m: print('@@bench ' + json.dumps(m), flush=True)\n"
+        "print('library noise on stdout', flush=True)\n"
+        "say(event='ready', info=dict(batch=4, mode='train'))\n"
+        "for line in sys.stdin:\n"
+        "    if line.split()[0] == 'quit':\n"
+        "        break\n"
+        f"    if {fail_on_window}:\n"
+        "        sys.exit('fake failure')\n"
+        f"    if {hang_on_window}:\n"
+        "        time.sleep(600)\n"
+        f"    say(event='window', seconds_per_call={seconds_per_call}, cpu_s_per_call={seconds_per_call})\n"
+        "say(event='done', info={})\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def test_interleaved_workers_give_per_round_ratios_and_spread():
+    from dit_jax.perf.bench import Worker, interleave, ratio_stats, summarise
+
+    with Worker("ours", _fake_worker(0.5), timeout=60) as ours, Worker("ref", _fake_worker(2.0), timeout=60) as ref:
+        times = interleave([ours, ref], rounds=3, calls=2, pause_s=0.0)
+        assert ours.close() == {} and ref.close() == {}
+    assert times == {"ours": [0.5] * 3, "ref": [2.0] * 3}
+    assert ours.proc.returncode == 0 and ref.proc.returncode == 0
+    stats = ratio_stats(times["ref"], times["ours"])
+    assert stats["per_round"] == [4.0] * 3 and stats["median"] == stats["min"] == stats["max"] == 4.0
+    assert stats["rounds"] == 3
+    report = summarise(dict(batch=4), times["ours"], [m["cpu_s_per_call"] for m in ours.windows])
+    assert report["images_per_s"] == 8.0 and report["round_cpu_per_wall"] == [1.0] * 3
+
+
+def test_interleave_rotates_the_order_and_ratio_stats_spread():
+    from dit_jax.perf.bench import interleave, ratio_stats
+
+    order = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def window(self, calls):
+            order.append(self.name)
+            return 1.0
+
+    interleave([Stub("a"), Stub("b"), Stub("c")], rounds=3, calls=1, pause_s=0.0)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    stats = ratio_stats([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5)
+    assert (stats["median"], stats["min"], stats["max"], stats["q1"], stats["q3"]) == (3.0, 1.0, 5.0, 2.0, 4.0)
+    with pytest.raises(ValueError):
+        ratio_stats([1.0], [1.0, 2.0])
+
+
+def test_failing_or_hanging_workers_are_killed():
+    from dit_jax.perf.bench import Worker, WorkerError
+
+    with pytest.raises(WorkerError, match="exited with status 3"):
+        Worker("dies", [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"], timeout=60)
+    with pytest.raises(WorkerError, match="sent nothing within 1 s"):
+        Worker("silent", [sys.executable, "-c", "import time; time.sleep(600)"], start_timeout=1)
+    with Worker("fails", _fake_worker(1.0, fail_on_window=True), timeout=60) as w:
+        with pytest.raises(WorkerError, match="fake failure"):
+            w.window(1)
+        assert w.proc.poll() is not None
+    with Worker("hangs", _fake_worker(1.0, hang_on_window=True), timeout=1) as w:
+        with pytest.raises(WorkerError, match="sent nothing within 1 s"):
+            w.window(1)
+        assert w.proc.poll() is not None  # killed, not left running
+    w = Worker("left", _fake_worker(1.0), timeout=60)
+    with w:
+        pass  # leaving the block without close() kills it
+    assert w.proc.poll() is not None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_worker_dies_with_the_process_that_started_it(tmp_path):
+    """A `dit-jax bench` killed outright (no finally runs) leaves no worker computing."""
+    import os
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "pid"
+    busy = [sys.executable, "-c", "import time\nfrom dit_jax.perf.worker import die_with_parent\ndie_with_parent()\n"
+            "print('@@bench {\"event\": \"ready\", \"info\": {}}', flush=True)\ntime.sleep(600)\n"]  # never reads stdin
+    parent = (
+        "import os, signal, sys\n"
+        "from dit_jax.perf.bench import Worker\n"
+        f"w = Worker('orphan', {busy!r}, timeout=60)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(w.proc.pid))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", parent], timeout=120)
+    child = int(pid_file.read_text())
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+            with open(f"/proc/{child}/stat") as f:  # killed but not yet reaped by init counts as gone
+                if f.read().split(")")[1].split()[0] == "Z":
+                    return
+        except (ProcessLookupError, FileNotFoundError):
+            return
+        time.sleep(0.1)
+    os.kill(child, 9)
+    pytest.fail("the worker outlived the process that started it")
+
+
 @pytest.mark.parametrize("mode", ["train", "sample"])
-def test_bench_cli_smoke_side_by_side(mode, tmp_path, capsys):
-    """Tiny config on the 8 simulated devices, then the torch reference in its own process; JSON lines out."""
+def test_bench_cli_smoke_interleaved_side_by_side(mode, tmp_path, capsys):
+    """Tiny config: ours (8 simulated devices) and both references, each in its own worker process, interleaved
+    over 2 rounds; ratios per round, their median and spread; JSON lines out."""
     out = tmp_path / "bench.jsonl"
-    argv = ["bench", mode, "--variant", "S/4", "--res", "64", "--batch", "8", "--steps", "2", "--warmup", "1",
-            "--windows", "2", "--torch", "--json", str(out)]
+    argv = ["bench", mode, "--variant", "S/8", "--res", "64", "--batch", "8", "--steps", "2", "--warmup", "1",
+            "--repeats", "2", "--torch", "--json", str(out), "--worker-timeout", "600"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "ratio (dit-jax / pytorch, images/s)" in printed
-    ours, theirs, ratio = [json.loads(line) for line in out.read_text().splitlines()]
-    assert ours["impl"] == "dit-jax" and theirs["impl"] == "pytorch"
-    assert ours["mode"] == theirs["mode"] == mode and ours["devices"] == 8
-    assert ours["variant"] == theirs["variant"] == "S/4" and ours["batch"] == theirs["batch"] == 8
-    for r in (ours, theirs):
-        assert r["step_s"] > 0 and r["images_per_s"] > 0
-        assert r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
+    assert "ratio dit-jax / pytorch-official (images/s)" in printed and "median of 2 rounds" in printed
+    ours, official, diffusers, *ratios = [json.loads(line) for line in out.read_text().splitlines()]
+    assert ours["impl"] == "dit-jax" and official["impl"] == "pytorch-official"
+    assert diffusers["impl"] == "pytorch-diffusers"
+    assert ours["mode"] == official["mode"] == mode and ours["devices"] == 8
+    assert ours["scan_blocks"] is not None and ours["remat_policy"] is not None  # the platform's default, resolved
+    for r in (ours, official, diffusers):
+        assert r["variant"] == "S/8" and r["batch"] == 8 and len(r["round_step_s"]) == 2
+        assert r["step_s_min"] <= r["step_s"] <= r["step_s_max"] and r["images_per_s"] > 0
     assert ours["compile_s"] > 0 and ours["tflops_per_device"] > 0 and ours["mfu"] is None  # no CPU peak
     assert ours["memory_estimate_gib"] > 0
-    assert ratio["ratio_images_per_s"] == pytest.approx(ours["images_per_s"] / theirs["images_per_s"])
+    assert [(r["numerator"], r["denominator"]) for r in ratios] == [("dit-jax", "pytorch-official"),
+                                                                    ("dit-jax", "pytorch-diffusers")]
+    for r, ref in zip(ratios, (official, diffusers)):
+        per = [a / b for a, b in zip(ref["round_step_s"], ours["round_step_s"])]
+        assert r["per_round"] == pytest.approx(per) and r["min"] <= r["median"] <= r["max"]
+
+
+def test_bench_cli_interleaves_our_settings(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    argv = ["bench", "sample", "--variant", "S/8", "--res", "64", "--batch", "4", "--steps", "1", "--warmup", "0",
+            "--repeats", "1", "--settings", "scan", "unrolled:full", "--json", str(out), "--devices", "1"]
+    assert cli.main(argv) == 0
+    a, b, ratio = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (a["scan_blocks"], b["scan_blocks"], b["remat_policy"]) == (True, False, "full")
+    assert (ratio["numerator"], ratio["denominator"]) == (b["name"], a["name"])
+    assert "ratio dit-jax[unrolled,remat=full] / dit-jax[scan," in capsys.readouterr().out
+
+
+def test_platform_defaults_fill_unset_settings():
+    from dit_jax.perf.bench import BenchSpec, platform_defaults
+
+    assert platform_defaults("gpu") == platform_defaults("tpu") == (True, "none")  # scan: compile O(1) in depth
+    cpu = BenchSpec().resolved("cpu")
+    assert (cpu.scan_blocks, cpu.remat_policy) == platform_defaults("cpu")
+    told = BenchSpec(scan_blocks=False, remat_policy="full").resolved("cpu")
+    assert (told.scan_blocks, told.remat_policy) == (False, "full")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--settings", "scanned"], "--settings scanned"),
+    (["--settings", "scan:lots"], "--settings scan:lots"),
+    (["--settings", "scan", "scan"], "each setting once"),
+    (["--torch-refs", "official,timm"], "--torch-refs official,timm"),
+    (["--settings", "scan", "scan:dots_no_batch"], "the same setting on cpu"),  # the CPU default remat is that
+])
+def test_bench_cli_usage_errors(flags, message, capsys):
+    assert cli.main(["bench", "train", "--variant", "S/8", "--res", "64", *flags]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_bench_rejects_bad_input():

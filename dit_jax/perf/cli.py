@@ -9,11 +9,11 @@ Importing this module imports neither jax nor the libraries: each handler import
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -37,19 +37,29 @@ def register(subparsers: Any, name: str) -> argparse.ArgumentParser:
 # ==============================================================================================================
 # `dit-jax bench`
 # ==============================================================================================================
-BENCH_DESCRIPTION = """`dit-jax bench train|sample`: our throughput and, with --torch, the PyTorch reference's right after it.
+BENCH_DESCRIPTION = """`dit-jax bench train|sample`: our throughput; --torch interleaves the PyTorch references.
 
-    dit-jax bench train  --variant S/2 --batch 32 --dtype float32 --torch    # the CPU target of issue 5
+    dit-jax bench train  --variant S/2 --batch 32 --dtype float32 --torch    # ratio to the official code, spread
+    dit-jax bench train  --variant S/2 --batch 32 --dtype float32 --settings scan unrolled scan:dots_no_batch
     dit-jax bench sample --variant XL/2 --batch 64 --dtype bfloat16 --torch --torch-device cuda
 
-Ours runs in this process (dit_jax.perf.bench); the reference runs in a fresh Python process
-(bench/torch_reference.py: diffusers' DiTTransformer2DModel, the official hybrid loss in torch, AdamW, EMA) so
-the two never share threads or memory. The ratio printed is ours / reference in images per second.
+Alone, ours runs in this process: warm-up, then the median of --windows timed windows. With --torch (or several
+--settings of ours), every contender runs in its own worker process (ours: dit_jax.perf.bench.serve; the references:
+bench/torch_reference.py serve), so none shares threads with another, and the windows interleave: each of the
+--repeats (= --windows) rounds times one window of --steps // --windows calls of every contender in turn. A ratio is
+computed per round and printed as the median with its spread over the rounds (min-max and quartiles).
+
+References (--torch-refs): official = the official facebookresearch/DiT training iteration (models.py as
+tests/official_dit_torch.py transcribes it, with timm >= 0.9's fused attention; the guided-diffusion hybrid loss;
+AdamW; train.py's update_ema), official-math = the same with timm's explicit attention, diffusers = the same loop
+around diffusers' DiTTransformer2DModel. Ratios are ours / reference in images per second.
 """
 
 TORCH_REFERENCE = Path(__file__).resolve().parents[2] / "bench" / "torch_reference.py"
 TORCH_REFERENCE_NEEDS = "the PyTorch reference (--torch)"
 TORCH_REFERENCE_INSTALL = "pip install -e '.[test]' (torch and diffusers)"
+TORCH_REFERENCES = ("official", "official-math", "diffusers")
+DEFAULT_TORCH_REFERENCES = ("official", "diffusers")
 
 
 def _torch_reference_path() -> Path:
@@ -69,27 +79,29 @@ def load_torch_reference() -> ModuleType:
     return module
 
 
-def run_torch_reference(mode: str, args: argparse.Namespace, timeout: float | None = None) -> dict[str, Any]:
-    """Run the reference in a subprocess with the same configuration; returns its JSON result."""
-    cmd = [sys.executable, str(_torch_reference_path()), mode, "--variant", args.variant, "--batch", str(args.batch),
-           "--res", str(args.res), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--windows", str(args.windows), "--device", args.torch_device, "--amp", args.torch_amp,
-           "--cfg-scale", str(args.cfg_scale)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        missing = re.search(r"No module named '([\w.]+)'", proc.stderr or "")
-        if missing:
-            raise MissingDependencyError(missing.group(1).split(".")[0], TORCH_REFERENCE_NEEDS, TORCH_REFERENCE_INSTALL,
-                                         tail[-1])
-        raise RuntimeError("the PyTorch reference failed:\n" + "\n".join(tail))
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def torch_worker_argv(mode: str, impl: str, args: argparse.Namespace) -> list[str]:
+    """The command line of a reference worker (bench/torch_reference.py serve) with the configuration of `args`."""
+    return [sys.executable, str(_torch_reference_path()), "serve", mode, "--impl", impl, "--variant", args.variant,
+            "--batch", str(args.batch), "--res", str(args.res), "--warmup", str(args.warmup),
+            "--device", args.torch_device, "--amp", args.torch_amp, "--cfg-scale", str(args.cfg_scale)]
 
 
-def check_torch_reference_installed() -> None:
+def parse_setting(text: str, default_remat: str | None) -> tuple[bool, str | None]:
+    """`scan` | `unrolled`, optionally `:REMAT` -> (scan_blocks, remat_policy); UsageError otherwise."""
+    from dit_jax.models.dit import REMAT_POLICIES
+
+    blocks, _, remat = text.partition(":")
+    if blocks not in ("scan", "unrolled") or (remat and remat not in REMAT_POLICIES):
+        raise UsageError(f"--settings {text}: expected scan|unrolled, optionally :REMAT with REMAT one of "
+                         f"{tuple(REMAT_POLICIES)}, e.g. unrolled:dots_no_batch")
+    return blocks == "scan", remat or default_remat
+
+
+def check_torch_reference_installed(args: argparse.Namespace | None = None) -> None:
     """MissingDependencyError, before anything is measured, when the reference's packages are not installed
     (looked up, not imported: the reference runs in its own process)."""
-    for package in ("torch", "diffusers"):
+    refs = getattr(args, "torch_refs", DEFAULT_TORCH_REFERENCES) if args is not None else DEFAULT_TORCH_REFERENCES
+    for package in ("torch", "diffusers") if "diffusers" in refs else ("torch",):
         if importlib.util.find_spec(package) is None:
             raise MissingDependencyError(package, TORCH_REFERENCE_NEEDS, TORCH_REFERENCE_INSTALL)
 
@@ -103,12 +115,26 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def format_result(r: dict[str, Any]) -> str:
-    lines = [f"{r['impl']} {r['mode']} {r['variant']} batch {r['batch']} res {r['res']} {r['dtype']} "
-             f"on {r.get('device_kind') or r.get('device')}" + (f" x{r['devices']}" if r.get("devices") else "")]
+    """Two or three lines: what ran, its rates, and (interleaved runs) its seconds per call in each round."""
+    setting = (f" {'scan' if r['scan_blocks'] else 'unrolled'} remat={r['remat_policy']}"
+               if "scan_blocks" in r else "")
+    lines = [f"{r.get('name', r['impl'])}: {r['mode']} {r['variant']} batch {r['batch']} res {r['res']} {r['dtype']}"
+             f"{setting} on {r.get('device_kind') or r.get('device')}"
+             + (f" x{r['devices']}" if r.get("devices") else "")]
     keys = ("step_s", "steps_per_s", "images_per_s", "tflops_per_device", "mfu", "trace_lower_s", "compile_s",
             "memory_estimate_gib", "peak_memory_gib")
     lines.append("  " + "  ".join(f"{k}={_fmt(r[k])}" for k in keys if k in r))
+    if "round_step_s" in r:
+        lines.append("  s/call per round: " + " ".join(f"{t:.3g}" for t in r["round_step_s"])
+                     + ("  (CPU s / wall s: " + " ".join(f"{u:.2f}" for u in r["round_cpu_per_wall"]) + ")"
+                        if "round_cpu_per_wall" in r else ""))
     return "\n".join(lines)
+
+
+def format_ratio(r: dict[str, Any]) -> str:
+    """`ratio A / B (images/s): median, min-max and quartiles over the rounds`."""
+    return (f"ratio {r['numerator']} / {r['denominator']} (images/s): {r['median']:.2f}x, median of {r['rounds']} "
+            f"rounds (min {r['min']:.2f}, max {r['max']:.2f}; quartiles {r['q1']:.2f}-{r['q3']:.2f})")
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -151,7 +177,7 @@ def check_args(args: argparse.Namespace, device_count: int) -> None:
     if args.steps < args.windows:
         raise UsageError(f"--steps {args.steps} must be at least --windows {args.windows} (each window times "
                          f"steps // windows calls)")
-    if args.remat not in REMAT_POLICIES:
+    if args.remat is not None and args.remat not in REMAT_POLICIES:
         raise UsageError(f"--remat {args.remat}: expected one of {tuple(REMAT_POLICIES)}")
     if args.attn not in ATTENTION_IMPLS:
         raise UsageError(f"--attn {args.attn}: expected one of {ATTENTION_IMPLS}")
@@ -162,42 +188,109 @@ def check_args(args: argparse.Namespace, device_count: int) -> None:
     if rows % n:
         what = "--batch" if args.mode == "train" else "2 x --batch (the guided forward's inputs)"
         raise UsageError(f"{what} = {rows} is not divisible by the {n} devices: use a multiple of {n}")
+    for text in args.settings or ():
+        parse_setting(text, args.remat)
+    if args.settings and len(set(args.settings)) != len(args.settings):
+        raise UsageError(f"--settings {' '.join(args.settings)}: each setting once")
+    bad = [r for r in args.torch_refs if r not in TORCH_REFERENCES]
+    if bad or not args.torch_refs or len(set(args.torch_refs)) != len(args.torch_refs):
+        raise UsageError(f"--torch-refs {','.join(args.torch_refs)}: expected distinct names among "
+                         f"{TORCH_REFERENCES}, e.g. official,diffusers")
     if args.json:  # results are appended to it: its folder must exist
         from dit_jax.paths import check_output_file
 
         check_output_file(args.json, "--json", parent_must_exist=True)  # exit 1, as every unwritable output
     if args.torch:
-        check_torch_reference_installed()
+        check_torch_reference_installed(args)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """`dit-jax bench MODE ...`: ours, then (--torch) the reference and the ratio; --json appends the results."""
+    """`dit-jax bench MODE ...`: ours alone in this process, or (--torch, --settings) interleaved worker processes
+    with per-round ratios; --json appends the results."""
     import jax
 
     from dit_jax.perf import bench
 
     check_args(args, jax.device_count())
+    platform = jax.devices()[0].platform
     dtype = args.dtype
     if dtype == "auto":  # fp32 on the CPU (and in the CPU targets), bf16 matmuls on accelerators
-        dtype = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+        dtype = "float32" if platform == "cpu" else "bfloat16"
     spec = bench.BenchSpec(variant=args.variant, batch=args.batch, res=args.res, dtype=dtype,
                            scan_blocks=args.scan, remat_policy=args.remat, attn_impl=args.attn, steps=args.steps,
                            warmup=args.warmup, windows=args.windows, devices=args.devices, cfg_scale=args.cfg_scale)
-    ours = bench.run_bench(args.mode, spec)
-    print(format_result(ours), flush=True)
-    results = [ours]
-    if args.torch:
-        ref = run_torch_reference(args.mode, args)
-        print(format_result(ref), flush=True)
-        ratio = ours["images_per_s"] / ref["images_per_s"]
-        print(f"ratio (dit-jax / pytorch, images/s): {ratio:.2f}x", flush=True)
-        results.append(ref)
-        results.append(dict(mode=args.mode, ratio_images_per_s=ratio))
+    if args.settings:
+        specs = [dataclasses.replace(spec, scan_blocks=scan, remat_policy=remat)
+                 for scan, remat in (parse_setting(t, args.remat) for t in args.settings)]
+    else:
+        specs = [spec]
+    specs = [s.resolved(platform) for s in specs]
+    if len({_setting_name(s) for s in specs}) != len(specs):
+        raise UsageError(f"--settings {' '.join(args.settings)}: two of them are the same setting on {platform} "
+                         f"(a setting without :REMAT takes the platform's default remat policy)")
+    if not args.torch and len(specs) == 1:
+        results = [bench.run_bench(args.mode, specs[0])]
+        print(format_result(results[0]), flush=True)
+    else:
+        results = run_interleaved(args.mode, specs, args)
     if args.json:
         with open(args.json, "a", encoding="utf-8") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
     return 0
+
+
+def _setting_name(spec: Any) -> str:
+    return f"dit-jax[{'scan' if spec.scan_blocks else 'unrolled'},remat={spec.remat_policy}]"
+
+
+def run_interleaved(mode: str, specs: list[Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Our specs (resolved) and, with args.torch, the references in args.torch_refs, each in a worker process,
+    interleaved over args.windows rounds of args.steps // args.windows calls. Prints each contender and the
+    per-round ratios (ours / each reference; with several of ours, each / the first); returns the contenders'
+    reports followed by the ratio records."""
+    from dit_jax.perf import bench
+
+    named = [("dit-jax" if len(specs) == 1 else _setting_name(s), s) for s in specs]
+    refs = list(args.torch_refs) if args.torch else []
+    timeout = args.worker_timeout
+    workers: list[Any] = []
+    try:
+        env = bench.worker_env()
+        for name, s in named:  # started one after the other: a compile never overlaps another's warm-up
+            workers.append(bench.Worker(name, bench.our_worker_argv(mode, s), start_timeout=timeout,
+                                        timeout=timeout, env=env))
+        for impl in refs:
+            try:
+                workers.append(bench.Worker(f"pytorch-{impl}", torch_worker_argv(mode, impl, args),
+                                            start_timeout=timeout, timeout=timeout, env=env))
+            except bench.WorkerError as e:
+                missing = re.search(r"No module named '([\w.]+)'", str(e))
+                if missing:
+                    raise MissingDependencyError(missing.group(1).split(".")[0], TORCH_REFERENCE_NEEDS,
+                                                 TORCH_REFERENCE_INSTALL, str(e).splitlines()[-1]) from None
+                raise
+        times = bench.interleave(workers, rounds=args.windows, calls=max(1, args.steps // args.windows))
+        done = {w.name: w.close() for w in workers}
+    finally:
+        for w in workers:
+            w.__exit__(None, None, None)
+    results = []
+    for w in workers:
+        info = dict(w.info, **{k: v for k, v in done[w.name].items() if v is not None})
+        cpu = [m.get("cpu_s_per_call") for m in w.windows]
+        r = dict(bench.summarise(info, times[w.name], cpu), name=w.name,
+                 calls_per_window=max(1, args.steps // args.windows))
+        print(format_result(r), flush=True)
+        results.append(r)
+    ours = [n for n, _ in named]
+    pairs = [(o, f"pytorch-{impl}") for o in ours for impl in refs] + [(o, ours[0]) for o in ours[1:]]
+    for numer, denom in pairs:  # images/s of numer over denom = seconds per call of denom over numer's
+        stats = bench.ratio_stats(times[denom], times[numer])
+        ratio = dict(kind="ratio", mode=mode, numerator=numer, denominator=denom, **stats)
+        print(format_ratio(ratio), flush=True)
+        results.append(ratio)
+    return results
 
 
 def _register_bench(sub: Any, name: str) -> argparse.ArgumentParser:
@@ -209,15 +302,26 @@ def _register_bench(sub: Any, name: str) -> argparse.ArgumentParser:
                    help="image resolution in pixels (latents are res // 8)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="matmul compute dtype (auto: float32 on the CPU, bfloat16 on GPU/TPU)")
-    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="scan over blocks")
-    p.add_argument("--remat", default="none", help="remat policy (none, full, dots, dots_no_batch)")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
+                   help="scan over blocks (default: the platform's, dit_jax.perf.bench.PLATFORM_DEFAULTS)")
+    p.add_argument("--remat", default=None,
+                   help="remat policy: none, full, dots, dots_no_batch (default: the platform's)")
+    p.add_argument("--settings", nargs="+", metavar="SETTING",
+                   help="several of our settings, interleaved: scan|unrolled[:REMAT] each (e.g. scan unrolled "
+                        "scan:dots_no_batch); ratios are to the first")
     p.add_argument("--attn", default="xla", help="attention implementation (xla, cudnn, splash)")
     p.add_argument("--steps", type=_int_at_least(1), default=20, help="timed calls (split into --windows windows)")
     p.add_argument("--warmup", type=_int_at_least(0), default=3)
-    p.add_argument("--windows", type=_int_at_least(1), default=5, help="timed windows; the median is reported")
+    p.add_argument("--windows", "--repeats", dest="windows", type=_int_at_least(1), default=5,
+                   help="timed windows; the median is reported (interleaved: the rounds)")
     p.add_argument("--devices", type=_int_at_least(0), default=0, help="devices to use (0: all)")
     p.add_argument("--cfg-scale", type=_finite_at_least_zero, default=4.0)
-    p.add_argument("--torch", action="store_true", help="then run the PyTorch reference and print the ratio")
+    p.add_argument("--torch", action="store_true",
+                   help="interleave with the PyTorch references and print the ratios with their spread")
+    p.add_argument("--torch-refs", type=lambda t: tuple(t.split(",")), default=DEFAULT_TORCH_REFERENCES,
+                   help=f"comma-separated, from {','.join(TORCH_REFERENCES)} (default official,diffusers)")
+    p.add_argument("--worker-timeout", type=_finite_at_least_zero, default=1800.0,
+                   help="seconds a worker may take to start (compile, warm up) or to time one window")
     p.add_argument("--torch-device", default="cpu", help="device of the reference (cpu, cuda)")
     p.add_argument("--torch-amp", choices=("none", "bf16"), default="none",
                    help="reference precision: none = its default fp32 (TF32 matmuls on CUDA, as train.py)")
