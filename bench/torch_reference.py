@@ -312,11 +312,6 @@ def _peak(device: str) -> float | None:
     return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
 
 
-def time_calls(run: Callable[[], Any], calls: int) -> float:
-    """Seconds per call over `calls` consecutive calls (each run() ends synchronised with the device)."""
-    return window(run, calls)["seconds_per_call"]
-
-
 def bench(mode: str, variant: str, batch: int, res: int = 256, steps: int = 20, warmup: int = 3, windows: int = 5,
           device: str = "cpu", amp: str = "none", cfg_scale: float = 4.0, num_classes: int = 1000,
           seed: int = 0, impl: str = "official") -> dict[str, Any]:
@@ -325,7 +320,7 @@ def bench(mode: str, variant: str, batch: int, res: int = 256, steps: int = 20, 
     for _ in range(warmup):
         run()
     per = max(1, steps // windows)
-    times = [time_calls(run, per) for _ in range(windows)]
+    times = [window(run, per)["seconds_per_call"] for _ in range(windows)]
     step_s = statistics.median(times)
     return dict(info, step_s=step_s, step_s_min=min(times), step_s_max=max(times), steps_per_s=1.0 / step_s,
                 images_per_s=batch / step_s, peak_memory_gib=_peak(device))

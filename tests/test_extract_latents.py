@@ -99,9 +99,9 @@ def test_train_on_extracted_latents(tmp_path):
     from dit_jax.sampling.decode import Decoder
     from dit_jax.sampling.sampler import data_mesh
     from dit_jax.train.optim import ema_params
-    from dit_jax.train.samples import EVAL_SEED, _draw
+    from dit_jax.train.samples import EVAL_SEED, draw
 
-    z = _draw(out["graphdef"], ema_params(out["state"]["opt_state"]), out["state"]["rest"], cfg, np.arange(4) % 2,
+    z = draw(out["graphdef"], ema_params(out["state"]["opt_state"]), out["state"]["rest"], cfg, np.arange(4) % 2,
               jax.random.key(EVAL_SEED), 8)
     images = Decoder(weights_lib.pretrained_vae(cfg.data.vae), data_mesh())(z)
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8

@@ -250,12 +250,12 @@ def test_periodic_ema_sample_grids_quality_and_logs(tmp_path):
     # it is the score of these samples: 12 EMA samples of labels 0..9, 0, 1 with the evaluation's fixed noise
     from dit_jax.evaluate.digits_classifier import digits_fd
     from dit_jax.train.optim import ema_params
-    from dit_jax.train.samples import EVAL_SEED, _draw
+    from dit_jax.train.samples import EVAL_SEED, draw
     from dit_jax.images import to_uint8
 
     cfg = load_config(str(REPO / "configs" / "digits.py"), overrides)
     labels = np.arange(12) % 10
-    x = _draw(out["graphdef"], ema_params(out["state"]["opt_state"]), out["state"]["rest"], cfg, labels,
+    x = draw(out["graphdef"], ema_params(out["state"]["opt_state"]), out["state"]["rest"], cfg, labels,
               jax.random.key(EVAL_SEED), 8)
     assert digits_fd(to_uint8(np.clip(x, -1, 1)), 16)["digits_fd"] == pytest.approx(quality[-1]["digits_fd"],
                                                                                       rel=1e-6)

@@ -42,7 +42,7 @@ from flax import nnx
 from dit_jax.diffusion import create_diffusion
 from dit_jax.perf.flops import forward_macs
 from dit_jax.perf.mfu import mfu, peak_flops_per_device
-from dit_jax.perf.worker import PARENT_ENV, PROTOCOL_PREFIX, die_with_parent, say, serve_windows
+from dit_jax.perf.worker import PARENT_ENV, PROTOCOL_PREFIX, die_with_parent, say, serve_windows, window
 from dit_jax.train.config_load import load_config
 from dit_jax.train.optim import make_optimizer
 from dit_jax.models.splash import mesh_context
@@ -122,22 +122,18 @@ def forward_flops(model_cfg: Any) -> float:
     return 2.0 * forward_macs(model_cfg)
 
 
+def _jax_window(run: Callable[[], Any], calls: int) -> dict[str, float]:
+    """dit_jax.perf.worker.window for a jitted call: no host transfer inside the window, synchronised at its end."""
+    return window(run, calls, guard=lambda: jax.transfer_guard("disallow"), sync=jax.block_until_ready)
+
+
 def _time_windows(run: Callable[[], Any], spec: BenchSpec) -> list[float]:
     """Seconds per call: warm-up, then `windows` timed windows of steps // windows calls each."""
     for _ in range(spec.warmup):
         out = run()
     if spec.warmup:
         jax.block_until_ready(out)
-    per = spec.steps // spec.windows
-    times = []
-    for _ in range(spec.windows):
-        t0 = time.perf_counter()
-        with jax.transfer_guard("disallow"):
-            for _ in range(per):
-                out = run()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / per)
-    return times
+    return [_jax_window(run, spec.steps // spec.windows)["seconds_per_call"] for _ in range(spec.windows)]
 
 
 def _peak_memory(compiled: Any, devices: list) -> dict[str, float | None]:
@@ -343,7 +339,7 @@ def serve(mode: str, spec: BenchSpec, commands: Any = None) -> None:
     say("ready", info=dict(info, flops_per_call=p.flops_per_call, images_per_call=p.images_per_call,
                            peak_flops_per_device=peak_flops_per_device(p.devices[0]),
                            warmup_s=time.perf_counter() - t0))
-    serve_windows(p.run, commands, guard=lambda: jax.transfer_guard("disallow"), sync=jax.block_until_ready)
+    serve_windows(p.run, commands, window_fn=_jax_window)
     p.check(p.run())
     say("done", info={})
 

@@ -42,9 +42,10 @@ def window(run: Callable[[], Any], calls: int, *, guard: Callable[[], Any] | Non
     return dict(seconds_per_call=(time.perf_counter() - t0) / calls, cpu_s_per_call=(time.process_time() - c0) / calls)
 
 
-def serve_windows(run: Callable[[], Any], commands: Iterable[str] | None = None, **window_kw: Any) -> None:
-    """The command loop after `ready`: `window N` -> a `window` line; `quit` or end of input returns. ValueError
-    for anything else. commands: default stdin."""
+def serve_windows(run: Callable[[], Any], commands: Iterable[str] | None = None,
+                  window_fn: Callable[[Callable[[], Any], int], dict[str, float]] = window) -> None:
+    """The command loop after `ready`: `window N` -> a `window` line (window_fn(run, N)); `quit` or end of input
+    returns. ValueError for anything else. commands: default stdin."""
     for line in commands if commands is not None else sys.stdin:
         cmd = line.split()
         if not cmd:
@@ -53,7 +54,7 @@ def serve_windows(run: Callable[[], Any], commands: Iterable[str] | None = None,
             return
         if cmd[0] != "window" or len(cmd) != 2 or not cmd[1].isdigit() or int(cmd[1]) < 1:
             raise ValueError(f"unknown worker command {line.strip()!r}; expected 'window N' or 'quit'")
-        say("window", **window(run, int(cmd[1]), **window_kw))
+        say("window", **window_fn(run, int(cmd[1])))
 
 
 def die_with_parent() -> None:

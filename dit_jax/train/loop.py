@@ -64,6 +64,13 @@ def train_flops_per_example(config: Any) -> float:
     return 3 * 2 * forward_macs(config.model)
 
 
+def off_clock(fn: Any, *args: Any) -> float:
+    """fn(*args); the seconds it took (added to the rate window's start, so rates count training only)."""
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume) in `workdir`. Returns a summary dict (final step, last metrics, paths)."""
     distributed.initialize()  # no-op if the CLI started the job (or one process); env JAX_* otherwise
@@ -254,9 +261,7 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
                 print(f"{tag}step {step}/{total} {metrics_lib.format_metrics(last)}", flush=True)
 
         if config.train.sample_every and step % config.train.sample_every == 0 and step != total:
-            t_pause = time.perf_counter()
-            write_grid(writer, graphdef, state, config, step)
-            t_window += time.perf_counter() - t_pause  # the rates count training only
+            t_window += off_clock(write_grid, writer, graphdef, state, config, step)  # rates count training only
 
         # SIGTERM reaches hosts at different steps: reached_preemption agrees on one step across processes
         preempted = ckpt.reached_preemption(step)
@@ -273,9 +278,7 @@ def _train_locked(config: Any, workdir: epath.Path, lock: RunLock, tag: str) -> 
                 break
 
         if quality.due(step):  # after the save: a failing evaluation cannot cost the checkpoint
-            t_pause = time.perf_counter()
-            evaluate(step)
-            t_window += time.perf_counter() - t_pause
+            t_window += off_clock(evaluate, step)
 
     # ================================================================ wrap up
     ckpt.wait()

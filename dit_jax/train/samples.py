@@ -1,6 +1,7 @@
 """EMA samples during training: the sample grids (train.sample_every) and sample quality (train.eval_every), both
 drawn with the run's train.sample_* settings (dit_jax.sampling.settings.run_sample_settings).
 
+    draw(graphdef, params, rest, config, labels, key, chunk)  -> samples in the model's space
     sample_grid(graphdef, params, rest, config, key)   -> labels, uint8 images; one class per row
     write_grid(writer, graphdef, state, config, step)  an EMA grid into the run's samples/ and TensorBoard
     QualityEval(config)                            built when a run starts (fails fast on a missing reference);
@@ -38,7 +39,7 @@ from dit_jax.train.optim import ema_params
 EVAL_SEED = 20231  # the evaluation's noise: fixed, so that successive evaluations differ only by the weights
 
 
-def _draw(graphdef: nnx.GraphDef, params: dict, rest: dict, config: Any, labels: np.ndarray,
+def draw(graphdef: nnx.GraphDef, params: dict, rest: dict, config: Any, labels: np.ndarray,
           key: jax.Array, chunk: int | None = None) -> np.ndarray:
     """labels (n,) -> float32 samples (n, H, W, C) in the model's space, drawn in chunks of `chunk` rows with the
     per-example keys of `key` (so the chunking does not change a sample). The sampler is compiled once per
@@ -58,7 +59,7 @@ def sample_grid(graphdef: nnx.GraphDef, params: dict, rest: dict, config: Any, k
     sample_num_classes classes, one class per row (pixel space: x in [-1, 1] to uint8)."""
     n_cls = min(config.train.sample_num_classes, config.model.num_classes)
     labels = np.repeat(np.arange(n_cls), config.train.sample_per_class)
-    x = _draw(graphdef, params, rest, config, labels, key)
+    x = draw(graphdef, params, rest, config, labels, key)
     return labels, to_uint8(np.clip(x, -1, 1))
 
 
@@ -147,7 +148,7 @@ class QualityEval:
         if ema is None:
             return {}
         t0 = time.perf_counter()
-        x = _draw(graphdef, *ema, self.config, self.labels, jax.random.key(EVAL_SEED), self.chunk)
+        x = draw(graphdef, *ema, self.config, self.labels, jax.random.key(EVAL_SEED), self.chunk)
         if self._decoder is not None:
             images = np.concatenate([self._decoder(x[i:i + self.chunk]) for i in range(0, len(x), self.chunk)])
         else:
